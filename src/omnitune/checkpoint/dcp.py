@@ -1,0 +1,156 @@
+"""Training checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout (Megatron-compatible names)::
+
+    <save>/latest_checkpointed_iteration.txt      # "5"
+    <save>/iter_0000005/                          # DCP files: model (+ optimizer) shards
+        .metadata, __*_*.distcp
+        trainer_state.json                        # iteration, consumed samples, schedule, flags
+        rng/rank_00000.pt ...                     # RNG of every rank (torch, cuda/npu, python, numpy)
+
+A save writes into ``iter_XXXXXXX.partial`` and is renamed when every rank has finished; only then
+is ``latest_checkpointed_iteration.txt`` replaced (temp file + rename). A save that dies midway
+leaves the previous checkpoint and the ``latest`` pointer untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+LATEST = "latest_checkpointed_iteration.txt"
+STATE = "trainer_state.json"
+
+
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    st["numpy"] = [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    if hasattr(torch, "npu") and torch.npu.is_available():
+        st["npu"] = torch.npu.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+    if "npu" in st and hasattr(torch, "npu") and torch.npu.is_available():
+        torch.npu.set_rng_state(st["npu"])
+
+
+def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trainer_state: dict,
+                    save_optim: bool = True, save_rng: bool = True) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    save = Path(save_dir)
+    final = save / iter_dir_name(iteration)
+    partial = save / (iter_dir_name(iteration) + ".partial")
+    if _rank() == 0:
+        save.mkdir(parents=True, exist_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial)
+    _barrier()
+    state = {"model": get_model_state_dict(model)}
+    if save_optim and optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=str(partial))
+    if save_rng:
+        (partial / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        meta = dict(trainer_state, iteration=iteration, has_optim=bool(save_optim and optimizer is not None),
+                    has_rng=save_rng, world_size=dist.get_world_size() if dist.is_initialized() else 1)
+        (partial / STATE).write_text(json.dumps(meta, indent=2))
+        if final.exists():  # re-saving the same iteration: replace it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        write_text_atomic(save / LATEST, str(iteration))
+    _barrier()
+    return final
+
+
+def is_training_checkpoint_root(path: str | Path) -> bool:
+    return (Path(path) / LATEST).is_file()
+
+
+def resolve_checkpoint(load_dir: str | Path) -> Path:
+    """The iteration folder named by ``latest_checkpointed_iteration.txt`` (editable by hand)."""
+    root = Path(load_dir)
+    text = (root / LATEST).read_text().strip()
+    name = "release" if text == "release" else iter_dir_name(int(text))
+    ckpt = root / name
+    if not (ckpt / ".metadata").is_file():
+        raise FileNotFoundError(f"{root / LATEST} names iteration {text!r} but {ckpt} is not a complete "
+                                f"checkpoint (no .metadata). Point the file at an existing iter_* folder.")
+    return ckpt
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    p = ckpt / STATE
+    return json.loads(p.read_text()) if p.is_file() else {"iteration": 0}
+
+
+def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
+                    load_rng: bool = True) -> dict:
+    """Collective. Loads model (+ optimizer, + this rank's RNG) in place; returns trainer state.
+    Works across world sizes: DCP reshards."""
+    ckpt = Path(ckpt)
+    meta = read_trainer_state(ckpt)
+    state = {"model": get_model_state_dict(model)}
+    want_optim = load_optim and optimizer is not None
+    if want_optim and not meta.get("has_optim", False):
+        raise ValueError(f"{ckpt} holds no optimizer state (saved with --no-save-optim); "
+                         f"resume with --no-load-optim")
+    if want_optim:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=str(ckpt))
+    set_model_state_dict(model, state["model"])
+    if want_optim:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    if load_rng and meta.get("has_rng", False):
+        f = ckpt / "rng" / f"rank_{_rank():05d}.pt"
+        if f.is_file():
+            set_rng_state(torch.load(f, weights_only=True))
+    return meta
+
+
+def load_model_weights_from_dcp(ckpt: str | Path, model) -> None:
+    """Single-process load of the model part of a checkpoint into a plain (unsharded) model."""
+    sd = get_model_state_dict(model, options=StateDictOptions())
+    dcp.load({"model": sd}, checkpoint_id=str(ckpt))
+    set_model_state_dict(model, sd)

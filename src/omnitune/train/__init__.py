@@ -1,0 +1,1 @@
+"""Training loop, loss, optimizer, metrics. `python -m omnitune.train ...` runs the trainer."""

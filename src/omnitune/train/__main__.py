@@ -1,0 +1,5 @@
+import sys
+
+from omnitune.train.trainer import main
+
+sys.exit(main())

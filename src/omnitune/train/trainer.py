@@ -1,0 +1,277 @@
+"""The training loop (one loop; SFT now, DPO later plugs in its loss).
+
+Entry point: ``torchrun --nproc_per_node N -m omnitune.train --mm-data data.json --mm-model
+model.json ...`` (or ``omnitune train``, which starts torchrun itself).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from omnitune.checkpoint import dcp as ckpt_io
+from omnitune.config.errors import ConfigError
+from omnitune.config.model import check_against_hf_config, load_model_json
+from omnitune.config.train import TrainArgs, parse_train_args
+from omnitune.models.registry import family_for_model_id
+from omnitune.train.metrics import Logger
+from omnitune.train.model import TrainModel, apply_freeze, load_hf_model
+from omnitune.train.optim import build_optimizer, lr_at, set_lr
+
+
+@dataclass
+class Plan:
+    """Everything resolved and validated before any process group or model exists."""
+    args: TrainArgs
+    data_cfg: object
+    model_cfg: object
+    family: object
+    hf_dir: str               # architecture + processor source (original HF folder)
+    hf_config: object
+    load_kind: str            # "hf" | "resume" | "none"
+    load_path: str | None
+    ignored_flags: list[str] = field(default_factory=list)
+
+    def describe(self, world_size: int) -> str:
+        a = self.args
+        gbs = a.global_batch_size or a.micro_batch_size * world_size
+        frozen = [n for n, m in self.model_cfg.modules().items() if m.freeze]
+        lines = [
+            f"model      : {self.family.name} ({self.model_cfg.model_id}) from {self.hf_dir}",
+            f"load       : {self.load_kind} {self.load_path or ''}".rstrip(),
+            f"data       : {a.mm_data} (template {self.data_cfg.dataset_param.basic_parameters.template})",
+            f"parallel   : FSDP2 over {world_size} rank(s); TP=PP=CP=1",
+            f"batch      : micro {a.micro_batch_size} x grad-acc {gbs // (a.micro_batch_size * world_size)} "
+            f"x DP {world_size} = global {gbs}; seq-length {a.seq_length}",
+            f"schedule   : {a.train_iters} iters, lr {a.lr} -> {a.min_lr} {a.lr_decay_style}, warmup {a.warmup_iters}",
+            f"precision  : {'bf16 compute, fp32 master weights' if a.bf16 else 'fp32'}",
+            f"frozen     : {', '.join(frozen) or 'none'}",
+            f"save       : {a.save or '-'} every {a.save_interval or '-'} iters",
+        ]
+        if self.ignored_flags:
+            lines.append("ignored    : " + " ".join("--" + f for f in self.ignored_flags) +
+                         " (Megatron kernel/structure flags; structure comes from model.json + config.json)")
+        return "\n".join(lines)
+
+
+def make_plan(argv: list[str]) -> tuple[Plan, bool]:
+    from transformers import AutoConfig
+
+    from omnitune.config.data import load_data_config, unsupported_features
+
+    args, ignored, dry_run = parse_train_args(argv)
+    data_cfg = load_data_config(args.mm_data)
+    problems = unsupported_features(data_cfg)
+    if problems:
+        raise ConfigError(f"{args.mm_data}: {problems[0]}")
+    model_cfg = load_model_json(args.mm_model)
+    family = family_for_model_id(model_cfg.model_id)
+
+    load_kind, load_path = "none", args.load
+    if args.load:
+        lp = Path(args.load)
+        if not lp.exists():
+            raise ConfigError(f"--load {args.load}: no such folder")
+        if ckpt_io.is_training_checkpoint_root(lp):
+            load_kind = "resume"
+            ckpt_io.resolve_checkpoint(lp)  # fails early if `latest` points nowhere
+        elif (lp / "config.json").is_file() and any(lp.glob("*.safetensors")):
+            load_kind = "hf"
+        else:
+            raise ConfigError(f"--load {args.load}: neither an HF folder (config.json + *.safetensors) nor a "
+                              f"training checkpoint folder (latest_checkpointed_iteration.txt)")
+    hf_dir = (model_cfg.init_from_hf_path
+              or data_cfg.dataset_param.preprocess_parameters.model_name_or_path
+              or (args.load if load_kind == "hf" else None))
+    if not hf_dir or not (Path(hf_dir) / "config.json").is_file():
+        raise ConfigError(f"the original HF folder (model.json init_from_hf_path or data.json "
+                          f"preprocess_parameters.model_name_or_path) has no config.json: {hf_dir}")
+    hf_config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
+    if type(hf_config).__name__ != family.hf_config_class_name:
+        raise ConfigError(f"{args.mm_model}: model_id {model_cfg.model_id!r} expects a "
+                          f"{family.hf_config_class_name} but {hf_dir}/config.json is {type(hf_config).__name__}")
+    check_against_hf_config(model_cfg, family, hf_config, args.mm_model)
+    if load_kind == "none" and not model_cfg.init_from_hf_path:
+        # Train from the original HF weights when nothing else is given (seed: init_from_hf_path).
+        load_kind, load_path = "hf", hf_dir
+    return Plan(args, data_cfg, model_cfg, family, hf_dir, hf_config, load_kind, load_path, ignored), dry_run
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, plan: Plan, dist_ctx):
+        from torch.utils.data import DataLoader
+        from transformers import AutoProcessor
+
+        from omnitune.data import Collator, MicroBatchSampler, build_train_dataset
+        from omnitune.parallel.fsdp import apply_fsdp
+
+        self.plan, self.d = plan, dist_ctx
+        a = self.args = plan.args
+        world = dist_ctx.world_size
+        self.gbs = a.global_batch_size or a.micro_batch_size * world
+        if self.gbs % (a.micro_batch_size * world):
+            raise ConfigError(f"--global-batch-size {self.gbs} must be a multiple of --micro-batch-size "
+                              f"{a.micro_batch_size} x data-parallel size {world}")
+        self.grad_acc = self.gbs // (a.micro_batch_size * world)
+        seed_everything(a.seed)
+
+        # data
+        processor = AutoProcessor.from_pretrained(plan.hf_dir, trust_remote_code=False)
+        self.dataset = build_train_dataset(plan.data_cfg, processor, a.seq_length)
+        dl = plan.data_cfg.dataloader_param
+        self._loader_args = dict(collate_fn=Collator(processor.tokenizer.pad_token_id),
+                                 num_workers=a.num_workers, pin_memory=dl.pin_memory and dist_ctx.device.type != "cpu")
+        self._make_loader = lambda sampler: DataLoader(self.dataset, batch_sampler=sampler, **self._loader_args)
+
+        # model
+        init = plan.load_kind == "hf"
+        hf = load_hf_model(plan.family, plan.load_path if init else None, plan.hf_config, init_weights=init)
+        frozen = {n for n, m in plan.model_cfg.modules().items() if m.freeze}
+        self.trainable = apply_freeze(hf, plan.family, frozen)
+        hf.to(dist_ctx.device)
+        self.model = TrainModel(hf, plan.family)
+        apply_fsdp(self.model, plan.family.fsdp_units(hf), dist_ctx.mesh, a.bf16)
+        self.optimizer = build_optimizer(self.model, a.lr, a.weight_decay, (a.adam_beta1, a.adam_beta2),
+                                         a.adam_eps, allow_empty=a.enable_dummy_optimizer)
+        self.iteration = 0
+        self.consumed = 0
+        if plan.load_kind == "resume":
+            ckpt = ckpt_io.resolve_checkpoint(plan.load_path)
+            meta = ckpt_io.load_checkpoint(ckpt, self.model.hf, self.optimizer,
+                                           load_optim=not a.no_load_optim, load_rng=not a.no_load_rng)
+            self.iteration = int(meta.get("iteration", 0))
+            self.consumed = int(meta.get("consumed_samples", 0))
+            self.log(f"resumed from {ckpt} at iteration {self.iteration} ({self.consumed} samples consumed)")
+        self.sampler = MicroBatchSampler(
+            len(self.dataset), a.micro_batch_size, self.gbs, dist_ctx.rank, world,
+            shuffle=dl.shuffle, seed=a.seed, drop_last=dl.drop_last, consumed_samples=self.consumed)
+        metrics_file = Path(a.save) / "metrics.jsonl" if a.save else None
+        self.logger = Logger(dist_ctx.is_main, a.train_iters, log_tps=a.log_tps, metrics_file=metrics_file)
+
+    def log(self, msg: str) -> None:
+        if self.d.is_main:
+            print(msg, flush=True)
+
+    # --------------------------------------------------------------------------------- step
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        a, dev = self.args, self.d.device
+        model = self.model
+        local_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        local_tokens = torch.zeros((), dtype=torch.float64, device=dev)
+        for i, mb in enumerate(micro_batches):
+            mb = _to_device(mb, dev)
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
+                loss_sum, n, aux = model(mb)
+            # default loss type: token mean per micro-batch, then mean over grad-acc and DP
+            loss_mb = loss_sum / n.clamp(min=1)
+            (loss_mb / self.grad_acc + aux).backward()
+            local_loss += loss_mb.detach().double()
+            local_tokens += float(mb["attention_mask"].sum())
+        grad_norm = self._clip_grad()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        stats = torch.stack([local_loss, local_tokens])
+        dist.all_reduce(stats)
+        n_mb = self.grad_acc * self.d.world_size
+        return {"loss": stats[0].item() / n_mb, "tokens": stats[1].item(), "grad_norm": grad_norm}
+
+    def _clip_grad(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.args.clip_grad if self.args.clip_grad > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # --------------------------------------------------------------------------------- loop
+    def fit(self) -> list[float]:
+        a = self.args
+        stop_at = a.train_iters
+        if a.exit_interval:
+            stop_at = min(stop_at, (self.iteration // a.exit_interval + 1) * a.exit_interval)
+        loader_iter = iter(self._make_loader(self.sampler))
+        losses = []
+        self.model.train()
+        while self.iteration < stop_at:
+            lr = lr_at(self.iteration, lr=a.lr, min_lr=a.min_lr, warmup=a.warmup_iters,
+                       total=a.train_iters, style=a.lr_decay_style)
+            set_lr(self.optimizer, lr)
+            t0 = time.perf_counter()
+            micro = [next(loader_iter) for _ in range(self.grad_acc)]
+            stats = self.train_step(micro)
+            if self.d.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            self.iteration += 1
+            self.consumed += self.gbs
+            losses.append(stats["loss"])
+            if not math.isfinite(stats["loss"]):
+                raise FloatingPointError(f"loss is {stats['loss']} at iteration {self.iteration}")
+            self.logger.step(self.iteration, self.consumed, dt, lr, self.gbs, stats,
+                             show=self.iteration % a.log_interval == 0)
+            if a.save and a.save_interval and self.iteration % a.save_interval == 0:
+                self.save()
+        if a.save and (not a.save_interval or self.iteration % a.save_interval != 0):
+            self.save()
+        self.logger.finish()
+        return losses
+
+    def save(self) -> None:
+        a = self.args
+        state = {"consumed_samples": self.consumed, "train_iters": a.train_iters,
+                 "global_batch_size": self.gbs, "seed": a.seed, "model_id": self.plan.model_cfg.model_id,
+                 "hf_dir": str(Path(self.plan.hf_dir).resolve()),
+                 "scheduler": {"lr": a.lr, "min_lr": a.min_lr, "warmup_iters": a.warmup_iters,
+                               "decay_style": a.lr_decay_style, "num_steps": self.iteration}}
+        path = ckpt_io.save_checkpoint(a.save, self.iteration, self.model.hf, self.optimizer, state,
+                                       save_optim=not a.no_save_optim, save_rng=not a.no_save_rng)
+        self.log(f"saved checkpoint {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from omnitune.parallel.mesh import init_distributed, shutdown
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        plan, dry_run = make_plan(argv)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"omnitune: error: {e}", file=sys.stderr)
+        return 2
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dry_run:
+        print(plan.describe(world))
+        return 0
+    d = init_distributed(plan.args.distributed_timeout_minutes)
+    try:
+        if d.is_main:
+            print(plan.describe(d.world_size), flush=True)
+        trainer = Trainer(plan, d)
+        trainer.fit()
+    except ConfigError as e:
+        print(f"omnitune: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
