@@ -148,3 +148,21 @@ def check_against_hf_config(cfg: ModelJson, family, hf_config, source: str) -> N
             if n is not None and total != n:
                 raise ConfigError(f"{source}: {name}.pipeline_num_layers sums to {total} but the model has "
                                   f"{n} layers")
+
+
+# Per-module settings a later version implements (recompute, offload, fused MoE, hetero parallel,
+# attention choice, loss variants). Refused at start with their key, never silently ignored.
+_NOT_YET = ("recompute_granularity", "recompute_method", "recompute_num_layers", "attn_implementation",
+            "activation_offload", "use_npu_fused_moe", "tp", "pp", "cp")
+
+
+def unsupported_settings(cfg: ModelJson) -> list[str]:
+    out = []
+    for name, mod in cfg.modules().items():
+        for key in _NOT_YET:
+            if getattr(mod, key) not in (None, False):
+                out.append(f"{name}.{key} is not implemented in this version; remove it")
+    if cfg.loss_cfg != LossConfig():
+        out.append("loss_cfg other than the default (token mean, full logits) is not implemented in this "
+                   "version; remove loss_cfg")
+    return out

@@ -131,12 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS)
         else:
             p.add_argument(flag, dest=name, default=argparse.SUPPRESS)
-    for flag, takes in IGNORED_FLAGS.items():
-        p.add_argument("--" + flag, dest="ignored__" + flag, nargs=None if takes else 0,
-                       default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    for flag, takes in NOT_YET.items():
-        p.add_argument("--" + flag, dest="notyet__" + flag, nargs=None if takes else 0,
-                       default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for prefix, table in (("ignored__", IGNORED_FLAGS), ("notyet__", NOT_YET)):
+        for flag, takes in table.items():
+            p.add_argument("--" + flag, dest=prefix + flag, action="store" if takes else "store_true",
+                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--dry-run", dest="dry_run__", action="store_true", default=False,
                    help="validate configs, print the plan, do not train")
     return p

@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 from omnitune.checkpoint import dcp as ckpt_io
 from omnitune.config.errors import ConfigError
-from omnitune.config.model import check_against_hf_config, load_model_json
+from omnitune.config.model import check_against_hf_config, load_model_json, unsupported_settings
 from omnitune.config.train import TrainArgs, parse_train_args
+from omnitune.data.formats import DataError
 from omnitune.models.registry import family_for_model_id
 from omnitune.train.metrics import Logger
 from omnitune.train.model import TrainModel, apply_freeze, load_hf_model
@@ -73,6 +74,9 @@ def make_plan(argv: list[str]) -> tuple[Plan, bool]:
     if problems:
         raise ConfigError(f"{args.mm_data}: {problems[0]}")
     model_cfg = load_model_json(args.mm_model)
+    problems = unsupported_settings(model_cfg)
+    if problems:
+        raise ConfigError(f"{args.mm_model}: {problems[0]}")
     family = family_for_model_id(model_cfg.model_id)
 
     load_kind, load_path = "none", args.load
@@ -162,7 +166,7 @@ class Trainer:
             self.log(f"resumed from {ckpt} at iteration {self.iteration} ({self.consumed} samples consumed)")
         self.sampler = MicroBatchSampler(
             len(self.dataset), a.micro_batch_size, self.gbs, dist_ctx.rank, world,
-            shuffle=dl.shuffle, seed=a.seed, drop_last=dl.drop_last, consumed_samples=self.consumed)
+            shuffle=dl.shuffle, seed=a.seed, consumed_samples=self.consumed)
         metrics_file = Path(a.save) / "metrics.jsonl" if a.save else None
         self.logger = Logger(dist_ctx.is_main, a.train_iters, log_tps=a.log_tps, metrics_file=metrics_file)
 
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             print(plan.describe(d.world_size), flush=True)
         trainer = Trainer(plan, d)
         trainer.fit()
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"omnitune: error: {e}", file=sys.stderr)
         return 2
     finally:

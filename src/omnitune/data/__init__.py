@@ -1,0 +1,14 @@
+"""Data pipeline: formats -> templates -> media -> dataset -> collator; resumable sampler."""
+from pathlib import Path
+
+from omnitune.data.collator import Collator
+from omnitune.data.dataset import SFTDataset, build_train_dataset
+from omnitune.data.formats import DataError
+from omnitune.data.sampler import MicroBatchSampler
+
+__all__ = ["Collator", "SFTDataset", "build_train_dataset", "DataError", "MicroBatchSampler", "demo_data_dir"]
+
+
+def demo_data_dir() -> Path:
+    """The sample dataset bundled for `make demo` (demo.json + images/)."""
+    return Path(__file__).resolve().parents[1] / "assets" / "demo_data"

@@ -1,0 +1,221 @@
+"""The spine end to end: loss parity with HF, 1 vs 2 processes, exact resume (also after SIGKILL),
+interrupted saves, freezing, export -> plain transformers, config errors."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnitune.models.tiny import build_tiny_model
+from spine_util import REPO, losses, omnitune, train_flags, write_configs
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return build_tiny_model("qwen2_vl", tmp_path_factory.mktemp("spine") / "tiny_qwen2vl")
+
+
+def _batch(hf_dir: Path, tmp_path: Path, n: int = 4):
+    from transformers import AutoProcessor
+
+    from omnitune.config.data import load_data_config
+    from omnitune.data import Collator, build_train_dataset
+
+    data_json, _ = write_configs(tmp_path, hf_dir)
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    ds = build_train_dataset(load_data_config(data_json), processor, 512)
+    # a mix: the bundled data holds image samples and text-only ones
+    items = [ds[i] for i in range(n)]
+    assert any("pixel_values" in it for it in items)
+    return Collator(processor.tokenizer.pad_token_id)(items)
+
+
+def test_loss_equals_plain_hf(hf_dir, tmp_path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from omnitune.models.registry import get_family
+    from omnitune.train.model import TrainModel
+
+    batch = _batch(hf_dir, tmp_path)
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf_inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values",
+                                                          "image_grid_thw", "mm_token_type_ids", "labels")}
+    with torch.no_grad():
+        ref = hf(**hf_inputs).loss
+        ours_sum, n, aux = TrainModel(copy.deepcopy(hf), get_family("qwen2_vl")).eval()(batch)
+    ours = ours_sum / n
+    assert torch.isfinite(ref)
+    assert abs(ours.item() - ref.item()) <= 1e-6 * abs(ref.item()), (ours.item(), ref.item())
+    assert aux.item() == 0.0
+
+
+@pytest.mark.slow
+def test_one_vs_two_processes_same_losses(hf_dir, tmp_path):
+    data_json, model_json = write_configs(tmp_path, hf_dir)
+    runs = {}
+    for nproc in (1, 2):
+        save = tmp_path / f"save_{nproc}"
+        omnitune(["train", "--nproc-per-node", str(nproc),
+                  *train_flags(data_json, model_json, iters=5, save=save, load=hf_dir, gbs=4)])
+        runs[nproc] = losses(save)
+    assert sorted(runs[1]) == [1, 2, 3, 4, 5]
+    for it in range(1, 6):
+        a, b = runs[1][it], runs[2][it]
+        assert abs(a - b) <= 1e-4 * abs(a), (it, a, b)
+    assert runs[1][5] < runs[1][1]
+
+
+@pytest.mark.slow
+def test_resume_is_exact_after_stop_and_after_sigkill(hf_dir, tmp_path):
+    data_json, model_json = write_configs(tmp_path, hf_dir)
+    straight = tmp_path / "straight"
+    omnitune(["train", *train_flags(data_json, model_json, iters=10, save=straight, load=hf_dir,
+                                    extra=["--save-interval", "5"])])
+    ref = losses(straight)
+    assert sorted(ref) == list(range(1, 11))
+
+    # stop cleanly after 5 (--exit-interval), then resume from the save dir
+    stopped = tmp_path / "stopped"
+    omnitune(["train", *train_flags(data_json, model_json, iters=10, save=stopped, load=hf_dir,
+                                    extra=["--save-interval", "5", "--exit-interval", "5"])])
+    assert (stopped / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+    assert not (stopped / "iter_0000010").exists()
+    omnitune(["train", *train_flags(data_json, model_json, iters=10, save=stopped, load=stopped,
+                                    extra=["--save-interval", "5"])])
+    got = losses(stopped)
+    assert [got[i] for i in range(1, 11)] == [ref[i] for i in range(1, 11)]
+
+    # SIGKILL the whole job once the step-5 checkpoint is complete, then resume
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "omnitune.cli.main", "train",
+           *train_flags(data_json, model_json, iters=10, save=killed, load=hf_dir,
+                        extra=["--save-interval", "5"])]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    latest = killed / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() == "5"):
+        assert proc.poll() is None, "training ended before the step-5 checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "iter_0000010").exists()
+    omnitune(["train", *train_flags(data_json, model_json, iters=10, save=killed, load=killed)])
+    got = losses(killed)
+    assert [got[i] for i in range(6, 11)] == [ref[i] for i in range(6, 11)]
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    from omnitune.checkpoint import dcp as ck
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    ck.save_checkpoint(tmp_path, 1, model, opt, {"consumed_samples": 4})
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    real_rng_state = ck.rng_state
+
+    def dying(*a, **k):  # the model/optimizer shards are on disk, the RNG files are not: die here
+        assert any((tmp_path / "iter_0000002.partial").glob("*.distcp"))
+        raise KeyboardInterrupt("simulated crash mid-save")
+
+    monkeypatch.setattr(ck, "rng_state", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(tmp_path, 2, model, opt, {"consumed_samples": 8})
+    monkeypatch.setattr(ck, "rng_state", real_rng_state)
+
+    assert (tmp_path / "iter_0000002.partial").exists()     # the half-written one is not a checkpoint
+    assert not (tmp_path / "iter_0000002").exists()
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
+    ckpt = ck.resolve_checkpoint(tmp_path)
+    assert ckpt.name == "iter_0000001"
+    meta = ck.load_checkpoint(ckpt, model, opt)
+    assert meta["consumed_samples"] == 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    # the next save cleans the leftover partial folder and succeeds
+    ck.save_checkpoint(tmp_path, 2, model, opt, {"consumed_samples": 8})
+    assert not (tmp_path / "iter_0000002.partial").exists()
+    assert ck.resolve_checkpoint(tmp_path).name == "iter_0000002"
+
+
+@pytest.mark.slow
+def test_freeze_export_and_plain_transformers_logits(hf_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from omnitune.checkpoint.dcp import load_model_weights_from_dcp, resolve_checkpoint
+    from omnitune.models.registry import get_family
+    from omnitune.train.model import load_hf_model
+
+    data_json, model_json = write_configs(tmp_path, hf_dir, freeze={"image_encoder.vision_encoder": True})
+    save = tmp_path / "save"
+    omnitune(["train", *train_flags(data_json, model_json, iters=3, save=save, load=hf_dir)])
+    out = tmp_path / "export"
+    omnitune(["export", "--load", str(save), "--save", str(out), "--model-assets", str(hf_dir)])
+    for name in ("config.json", "tokenizer.json", "chat_template.jinja", "processor_config.json"):
+        assert (out / name).is_file(), name
+
+    before, after = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    vision = [k for k in before if k.startswith("model.visual.") and not k.startswith("model.visual.merger.")]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)       # frozen: bit-identical
+    trained = [k for k in before if not k.startswith("model.visual.") or k.startswith("model.visual.merger.")]
+    changed = [k for k in trained if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(trained), sorted(set(trained) - set(changed))
+
+    # in-framework model (weights read from the DCP checkpoint) vs plain transformers on the export
+    batch = _batch(hf_dir, tmp_path / "data")
+    fam = get_family("qwen2_vl")
+    ours = load_hf_model(fam, None, Qwen2VLForConditionalGeneration.from_pretrained(hf_dir).config,
+                         init_weights=False)
+    load_model_weights_from_dcp(resolve_checkpoint(save), ours)
+    plain = Qwen2VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                                    "mm_token_type_ids")}
+    with torch.no_grad():
+        a = ours.eval()(**inputs).logits
+        b = plain.eval()(**inputs).logits
+    assert (a - b).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("mutate, expect", [
+    (lambda d, m, f: d.update({"dataset_param": {**d["dataset_param"], "bogus_key": 1}}),
+     r"dataset_param\.bogus_key: unknown key"),
+    (lambda d, m, f: m.update({"text_decoder": {"freeze": False, "colour": "red"}}),
+     r"text_decoder\.colour: unknown key"),
+    (lambda d, m, f: f.extend(["--lora-r", "8"]), r"--lora-r is not implemented"),
+    (lambda d, m, f: f.extend(["--tensor-model-parallel-size", "2"]), r"--tensor-model-parallel-size 2"),
+    (lambda d, m, f: f.extend(["--no-such-flag"]), r"--no-such-flag"),
+    (lambda d, m, f: f.__setitem__(f.index("--mm-data") + 1, "/nope/data.json"), r"/nope/data.json"),
+    (lambda d, m, f: f.__setitem__(f.index("--load") + 1, "/nope/ckpt"), r"--load /nope/ckpt"),
+])
+def test_bad_config_fails_fast_naming_it(hf_dir, tmp_path, mutate, expect):
+    import re
+
+    data_json, model_json = write_configs(tmp_path, hf_dir)
+    d, m = json.loads(data_json.read_text()), json.loads(model_json.read_text())
+    flags = train_flags(data_json, model_json, iters=2, save=tmp_path / "s", load=hf_dir)
+    mutate(d, m, flags)
+    data_json.write_text(json.dumps(d))
+    model_json.write_text(json.dumps(m))
+    t0 = time.time()
+    r = omnitune(["train", *flags], check=False, timeout=60)
+    assert time.time() - t0 < 10
+    assert r.returncode == 2
+    assert re.search(expect, r.stderr), r.stderr
+    assert not (tmp_path / "s").exists()
