@@ -41,7 +41,7 @@ def demo_configs(out: Path, hf_dir: Path) -> tuple[Path, Path]:
     return data_json, model_json
 
 
-def run_demo(out_dir: str, nproc: int = 1, train_iters: int = 30) -> int:
+def run_demo(out_dir: str, nproc: int = 1, train_iters: int = 80) -> int:
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
@@ -63,7 +63,7 @@ def run_demo(out_dir: str, nproc: int = 1, train_iters: int = 30) -> int:
         "--nproc-per-node", str(nproc), "--mm-data", str(data_json), "--mm-model", str(model_json),
         "--load", str(hf_dir), "--save", str(save), "--save-interval", str(train_iters),
         "--micro-batch-size", "2", "--global-batch-size", "8", "--seq-length", "512",
-        "--lr", "2e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.1",
+        "--lr", "5e-3", "--min-lr", "2e-4", "--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.1",
         "--weight-decay", "0.0", "--clip-grad", "1.0", "--train-iters", str(train_iters), "--seed", "42",
         "--log-interval", "1", "--log-tps", "--no-load-optim", "--no-load-rng",
     ])

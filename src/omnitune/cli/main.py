@@ -94,7 +94,7 @@ def cmd_demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="omnitune demo", description="Tiny model + bundled data: train, export, generate")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--nproc-per-node", type=int, default=1)
-    p.add_argument("--train-iters", type=int, default=30)
+    p.add_argument("--train-iters", type=int, default=80)
     a = p.parse_args(argv)
     return run_demo(a.out, a.nproc_per_node, a.train_iters)
 

@@ -73,8 +73,7 @@ def normalize(record: dict, index: int, path: Path, cfg: DataConfig) -> dict:
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: '{a.messages}' is missing or empty (attr.messages)")
     roles = {a.user_tag: "user", a.assistant_tag: "assistant"}
-    if a.system_tag:
-        roles[a.system_tag] = "system"
+    roles[a.system_tag or "system"] = "system"
     messages = []
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict) or a.role_tag not in turn or a.content_tag not in turn:
@@ -89,6 +88,8 @@ def normalize(record: dict, index: int, path: Path, cfg: DataConfig) -> dict:
     if a.system and record.get(a.system):
         messages.insert(0, {"role": "system", "content": record[a.system]})
     body = messages[1:] if messages[0]["role"] == "system" else messages
+    if any(m["role"] == "system" for m in body):
+        raise DataError(f"{where}: a system turn may only come first")
     if not body:
         raise DataError(f"{where}: empty conversation")
     for j, m in enumerate(body):
