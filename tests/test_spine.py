@@ -220,3 +220,62 @@ def test_bad_config_fails_fast_naming_it(hf_dir, tmp_path, mutate, expect):
     assert r.returncode == 2
     assert re.search(expect, r.stderr), r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_generate_cli_and_its_errors(hf_dir, tmp_path):
+    from omnitune.data import demo_data_dir
+
+    image = sorted((demo_data_dir() / "images").glob("*.jpg"))[0]
+    r = omnitune(["generate", "--model", str(hf_dir), "--image", str(image), "--prompt", "What color?",
+                  "--max-new-tokens", "5"])
+    assert len(r.stdout) > 1  # random weights: some text (maybe whitespace); greedy, so deterministic
+    r2 = omnitune(["generate", "--model", str(hf_dir), "--image", str(image), "--prompt", "What color?",
+                   "--max-new-tokens", "5"])
+    assert r2.stdout == r.stdout
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    r = omnitune(["generate", "--model", str(hf_dir), "--image", str(bad), "--prompt", "x"], check=False)
+    assert r.returncode == 2 and "bad.jpg: cannot be decoded" in r.stderr
+    r = omnitune(["generate", "--model", str(tmp_path), "--prompt", "x"], check=False)
+    assert r.returncode == 2 and "no config.json" in r.stderr
+
+
+@pytest.mark.slow
+def test_bf16_trains_with_fp32_master_weights_and_checkpoint(hf_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data_json, model_json = write_configs(tmp_path, hf_dir)
+    save = tmp_path / "save"
+    omnitune(["train", *train_flags(data_json, model_json, iters=2, save=save, load=hf_dir, gbs=2,
+                                    extra=["--bf16"])])
+    got = losses(save)
+    assert all(v == v and v < 20 for v in got.values())
+    out = tmp_path / "export"
+    omnitune(["export", "--load", str(save), "--save", str(out), "--model-assets", str(hf_dir)])
+    weights = load_file(out / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+def test_lr_schedule_warmup_cosine_min_lr():
+    from omnitune.train.optim import lr_at
+
+    kw = dict(lr=1.0, min_lr=0.1, warmup=2, total=10, style="cosine")
+    lrs = [lr_at(i, **kw) for i in range(10)]
+    assert lrs[:2] == [0.5, 1.0]
+    assert lrs[2] == 1.0 and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert abs(lr_at(10, **kw) - 0.1) < 1e-12 and abs(lr_at(6, **kw) - 0.55) < 1e-12
+    assert lr_at(5, **dict(kw, style="constant")) == 1.0
+
+
+def test_model_json_sizes_must_match_config_and_dry_run_plan(hf_dir, tmp_path):
+    data_json, model_json = write_configs(tmp_path, hf_dir)
+    flags = train_flags(data_json, model_json, iters=4, save=tmp_path / "s", load=hf_dir,
+                        extra=["--use-flash-attn", "--vocab-size", "151936"])
+    r = omnitune(["train", *flags, "--dry-run"])
+    assert "FSDP2 over 1 rank(s)" in r.stdout and "ignored    : --use-flash-attn --vocab-size" in r.stdout
+    m = json.loads(model_json.read_text())
+    m["text_decoder"]["num_layers"] = 28
+    model_json.write_text(json.dumps(m))
+    r = omnitune(["train", *flags], check=False)
+    assert r.returncode == 2
+    assert "text_decoder.num_layers = 28 but the HF config.json says 2" in r.stderr
