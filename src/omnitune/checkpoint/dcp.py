@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -152,5 +153,7 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
 def load_model_weights_from_dcp(ckpt: str | Path, model) -> None:
     """Single-process load of the model part of a checkpoint into a plain (unsharded) model."""
     sd = get_model_state_dict(model, options=StateDictOptions())
-    dcp.load({"model": sd}, checkpoint_id=str(ckpt))
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load({"model": sd}, checkpoint_id=str(ckpt))
     set_model_state_dict(model, sd)
