@@ -1,8 +1,11 @@
 """data.json (SPEC section 4): pydantic models, loaded and validated before anything starts.
 
-Unknown keys anywhere are errors naming the key path and the file. Features of data.json that this
-version does not implement yet are listed by :func:`unsupported_features` so the trainer refuses
-them at start instead of ignoring them.
+Every key of MindSpeed-MM's data.json is accepted; unknown keys anywhere are errors naming the key
+path and the file. A few accepted keys have no effect here because there is no preprocessing cache
+or worker pool to steer (cache_dir, overwrite_cache, preprocessing_batch_size,
+preprocessing_num_workers, use_fast_tokenizer, dataloader_mode, sampler_type). Settings this
+version does not implement yet are listed by :func:`unsupported_features`, so the trainer refuses
+them at start instead of silently ignoring them.
 """
 from __future__ import annotations
 
@@ -10,9 +13,11 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from omnitune.config.errors import ConfigError, format_validation_error
+
+TEMPLATES = ("qwen2vl", "qwen2_omni", "qwen3_vl", "qwen3_vl_nothink", "qwen3_omni", "qwen3_omni_nothink")
 
 
 class _Strict(BaseModel):
@@ -20,70 +25,72 @@ class _Strict(BaseModel):
 
 
 class PreprocessParameters(_Strict):
-    model_name_or_path: str | None = None
+    model_name_or_path: str | None = None     # the original HF folder (processor + config source)
     use_fast_tokenizer: bool = True
     split_special_tokens: bool = False
-    image_max_pixels: int = 768 * 768
-    image_min_pixels: int = 32 * 32
-    video_max_pixels: int = 256 * 256
-    video_min_pixels: int = 16 * 16
-    video_fps: float = 2.0
-    video_maxlen: int = 128
-    audio_sampling_rate: int = 16000
+    image_max_pixels: int = Field(768 * 768, ge=1)
+    image_min_pixels: int = Field(32 * 32, ge=0)
+    video_max_pixels: int = Field(256 * 256, ge=1)
+    video_min_pixels: int = Field(16 * 16, ge=0)
+    video_fps: float = Field(2.0, gt=0)
+    video_maxlen: int = Field(128, ge=1)
+    audio_sampling_rate: int = Field(16000, ge=1)
     use_audio_in_video: bool = False
+
+    @model_validator(mode="after")
+    def _min_le_max(self):
+        for kind in ("image", "video"):
+            lo, hi = getattr(self, f"{kind}_min_pixels"), getattr(self, f"{kind}_max_pixels")
+            if lo > hi:
+                raise ValueError(f"{kind}_min_pixels ({lo}) must be <= {kind}_max_pixels ({hi})")
+        return self
 
 
 class BasicParameters(_Strict):
-    template: Literal["qwen2vl", "qwen2_omni", "qwen3_vl", "qwen3_vl_nothink", "qwen3_omni",
-                      "qwen3_omni_nothink"] = "qwen2vl"
-    dataset_dir: str = "."
-    dataset: str
+    template: Literal[TEMPLATES] = "qwen2vl"
+    dataset_dir: str = "."                    # base folder for media paths (and dataset files)
+    dataset: str                              # "a.json,b.jsonl": comma-separated, no spaces
     cache_dir: str | None = None
     train_on_prompt: bool = False
     mask_history: bool = False
-    preprocessing_batch_size: int = 1000
-    preprocessing_num_workers: int | None = None
-    max_samples: int | None = None
+    preprocessing_batch_size: int = Field(1000, ge=1)
+    preprocessing_num_workers: int | None = Field(None, ge=0)
+    max_samples: int | None = Field(None, ge=1)   # per dataset file
     tool_format: str | None = None
     streaming: bool = False
     overwrite_cache: bool = False
     val_dataset: str | None = None
-    val_max_samples: int | None = None
-    val_rate: float | None = None
-    cutoff_len: int | None = None
+    val_max_samples: int | None = Field(None, ge=1)
+    val_rate: float | None = Field(None, gt=0, lt=1)
+    cutoff_len: int | None = Field(None, ge=1)    # the smaller of this and --seq-length applies
     packing: bool = False
     enable_thinking: bool | None = None
 
     @field_validator("dataset")
     @classmethod
-    def _no_spaces(cls, v: str) -> str:
+    def _comma_list(cls, v: str) -> str:
         if not v.strip():
-            raise ValueError("is empty")
-        if any(" " in part or part == "" for part in v.split(",")):
+            raise ValueError("is empty; give one or more dataset files separated by ','")
+        if any(part == "" or part != part.strip() for part in v.split(",")):
             raise ValueError(f"{v!r}: separate several datasets with ',' and no spaces")
-        return v
-
-    @field_validator("max_samples")
-    @classmethod
-    def _positive(cls, v):
-        if v is not None and v < 1:
-            raise ValueError("must be >= 1 (or null for all)")
         return v
 
 
 class Attr(_Strict):
-    system: str | None = None
-    images: str | None = None
+    """Column and tag names of the dataset files. Defaults are sharegpt's (as in MindSpeed-MM);
+    mllm-format files use messages / role / content / user / assistant."""
+    system: str | None = None                 # column holding a per-sample system prompt
+    images: str | None = None                 # column holding the image path list
     videos: str | None = None
     audios: str | None = None
-    messages: str = "messages"
-    role_tag: str = "role"
-    content_tag: str = "content"
-    user_tag: str = "user"
-    assistant_tag: str = "assistant"
+    messages: str = "conversations"
+    role_tag: str = "from"
+    content_tag: str = "value"
+    user_tag: str = "human"
+    assistant_tag: str = "gpt"
     observation_tag: str | None = None
     function_tag: str | None = None
-    system_tag: str | None = None
+    system_tag: str | None = "system"
     ranking: bool = False
     chosen: str | None = None
     rejected: str | None = None
@@ -104,53 +111,68 @@ class CollateParam(_Strict):
 class DataloaderParam(_Strict):
     dataloader_mode: str = "sampler"
     drop_last: bool = True
-    sampler_type: str = "stateful_distributed_sampler"
+    sampler_type: str = "BaseRandomBatchSampler"
     collate_param: CollateParam = CollateParam()
     pin_memory: bool = False
     shuffle: bool = True
-    num_workers: int | None = None
+    num_workers: int | None = Field(None, ge=0)
 
 
 class DataConfig(_Strict):
     dataset_param: DatasetParam
     dataloader_param: DataloaderParam = DataloaderParam()
-    #: the file this came from (set by load_data_config), used in error messages
-    source: str = "data.json"
+    _source: str = PrivateAttr("data.json")
+
+    @property
+    def source(self) -> str:
+        """The file this config was read from, for error messages."""
+        return self._source
 
 
 def load_data_config(path: str | Path) -> DataConfig:
+    """Read and validate data.json; raises ConfigError naming the file and the bad key path."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--mm-data: file not found: {p}")
     try:
-        raw = json.loads(p.read_text())
+        raw = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p}: not valid JSON: {e}") from None
-    if isinstance(raw, dict):
-        raw.pop("source", None)
     try:
         cfg = DataConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, str(p))) from None
-    cfg.source = str(p)
+    cfg._source = str(p)
     return cfg
 
 
 def unsupported_features(cfg: DataConfig) -> list[str]:
-    """data.json settings a later version implements; each message names the key."""
-    b, a = cfg.dataset_param.basic_parameters, cfg.dataset_param.attr
+    """Settings of ``cfg`` a later version implements, one message per setting naming its key.
+
+    The trainer refuses to start while this list is non-empty.
+    """
+    pp, b, a = cfg.dataset_param.preprocess_parameters, cfg.dataset_param.basic_parameters, cfg.dataset_param.attr
     out = []
     if b.template != "qwen2vl":
         out.append(f"basic_parameters.template {b.template!r}: only 'qwen2vl' is implemented in this version")
-    for key, on in (("streaming", b.streaming), ("packing", b.packing)):
-        if on:
-            out.append(f"basic_parameters.{key}: true is not implemented in this version")
+    for key in ("streaming", "packing"):
+        if getattr(b, key):
+            out.append(f"basic_parameters.{key}: true is not implemented in this version; remove it or set false")
     for key in ("val_dataset", "val_rate"):
         if getattr(b, key) is not None:
-            out.append(f"basic_parameters.{key}: validation sets are not implemented in this version")
-    for key in ("videos", "audios", "chosen", "rejected"):
+            out.append(f"basic_parameters.{key}: validation sets are not implemented in this version; remove it")
+    if b.tool_format is not None:
+        out.append("basic_parameters.tool_format: tool calls are not implemented in this version; set null")
+    if pp.split_special_tokens:
+        out.append("preprocess_parameters.split_special_tokens: true is not implemented in this version")
+    for key in ("videos", "audios"):
         if getattr(a, key) is not None:
-            out.append(f"attr.{key}: not implemented in this version (images + text only)")
+            out.append(f"attr.{key}: {key} are not implemented in this version (images and text only); set null")
+    if pp.use_audio_in_video:
+        out.append("preprocess_parameters.use_audio_in_video: not implemented in this version; set false")
+    for key in ("chosen", "rejected"):
+        if getattr(a, key) is not None:
+            out.append(f"attr.{key}: preference (DPO) data is not implemented in this version; set null")
     if a.ranking:
-        out.append("attr.ranking: DPO pairs are not implemented in this version")
+        out.append("attr.ranking: preference (DPO) data is not implemented in this version; set false")
     return out

@@ -1,4 +1,4 @@
-"""Data pipeline: formats -> templates -> media -> dataset -> collator; resumable sampler."""
+"""Data pipeline: formats -> templates -> media -> dataset -> collator, and the resumable sampler."""
 from pathlib import Path
 
 from omnitune.data.collator import Collator
@@ -6,9 +6,9 @@ from omnitune.data.dataset import SFTDataset, build_train_dataset
 from omnitune.data.formats import DataError
 from omnitune.data.sampler import MicroBatchSampler
 
-__all__ = ["Collator", "SFTDataset", "build_train_dataset", "DataError", "MicroBatchSampler", "demo_data_dir"]
+__all__ = ["Collator", "DataError", "MicroBatchSampler", "SFTDataset", "build_train_dataset", "demo_data_dir"]
 
 
 def demo_data_dir() -> Path:
-    """The sample dataset bundled for `make demo` (demo.json + images/)."""
+    """The sample dataset bundled for `make demo`: demo.json (mllm format) + images/."""
     return Path(__file__).resolve().parents[1] / "assets" / "demo_data"

@@ -1,96 +1,124 @@
-"""SFT dataset: normalized samples -> token ids, labels, media tensors.
+"""SFT dataset: normalized samples -> token ids, labels and image tensors.
 
-Build time (once, cheap): read and check every conversation, count placeholder tokens from image
-headers, tokenize, apply seq-length (cutoff_len) truncation. Item time: decode and patchify images.
-A sample longer than the limit is cut in its text only when no media token is cut; otherwise it is
-dropped and counted (a media token cut out of sync with its pixels would train on garbage).
+Build time (once): read and check every conversation, size every image from its header (to know
+its placeholder token count), render with the template and tokenize in batches, apply the length
+limit. Ids and labels of all samples live in two flat int32 arrays, so a large dataset costs little
+memory and DataLoader workers share it without copy-on-write growth. Item time: decode and patchify
+the sample's images.
+
+Length limit = min(seq_length, cutoff_len). A longer sample is cut in its text only when no media
+token would be cut; otherwise it is dropped and counted (a media token cut out of sync with its
+pixels cannot train). Samples left with no trained token are dropped too. Both are reported once.
 """
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from omnitune.config.data import DataConfig
 from omnitune.data.formats import DataError, load_samples
-from omnitune.data.media import image_grid, image_size, load_images
-from omnitune.data.templates import encode_conversation, get_template
+from omnitune.data.media import image_grid, load_images
+from omnitune.data.templates import IGNORE_INDEX, encode, get_template, place_image_tags, render
+
+log = logging.getLogger(__name__)
 
 
 class SFTDataset(Dataset):
-    def __init__(self, cfg: DataConfig, processor, seq_length: int):
-        self.cfg = cfg
-        pp = cfg.dataset_param.preprocess_parameters
-        bp = cfg.dataset_param.basic_parameters
-        self.image_processor = processor.image_processor
-        self.min_pixels, self.max_pixels = pp.image_min_pixels, pp.image_max_pixels
-        self.template = get_template(bp.template)
-        tok = processor.tokenizer
-        self.image_token_id = tok.convert_tokens_to_ids(self.template.image_token)
-        limit = min(seq_length, bp.cutoff_len or seq_length)
-        merge2 = self.image_processor.merge_size ** 2
-        self.items: list[dict] = []
-        self.dropped = 0
-        self.truncated = 0
-        for s in load_samples(cfg):
-            where = f"{s['source']}: sample {s['index']}"
-            messages = self._place_image_tags(s, where)
-            grids = [image_grid(*image_size(p, where), self.image_processor, self.min_pixels, self.max_pixels)
-                     for p in s["images"]]
-            counts = [t * h * w // merge2 for t, h, w in grids]
-            ids, labels = encode_conversation(tok, self.template, messages, counts,
-                                              bp.train_on_prompt, bp.mask_history)
-            if len(ids) > limit:
-                if self.image_token_id in ids[limit:] or \
-                        tok.convert_tokens_to_ids(self.template.vision_end) in ids[limit:]:
-                    self.dropped += 1
-                    continue
-                ids, labels = ids[:limit], labels[:limit]
-                self.truncated += 1
-            if all(x == -100 for x in labels[1:]):
-                self.dropped += 1
-                continue
-            self.items.append({"input_ids": ids, "labels": labels, "images": s["images"],
-                               "grids": grids, "where": where})
-        if not self.items:
-            raise DataError(f"{cfg.source}: no usable sample ({self.dropped} dropped: longer than seq-length "
-                            f"{limit} with media at the end, or nothing to train on)")
+    """Map-style dataset of tokenized conversations.
 
-    def _place_image_tags(self, s: dict, where: str) -> list[dict]:
-        tag = self.template.image_placeholder
-        messages = [dict(m) for m in s["messages"]]
-        n_tags = sum(m["content"].count(tag) for m in messages)
-        for m in messages:
-            if m["role"] != "user" and tag in m["content"]:
-                raise DataError(f"{where}: {tag} tags belong in user turns, found one in a {m['role']} turn")
-        if n_tags == 0 and s["images"]:
-            first_user = next(m for m in messages if m["role"] == "user")
-            first_user["content"] = tag * len(s["images"]) + first_user["content"]
-        elif n_tags != len(s["images"]):
-            raise DataError(f"{where}: {n_tags} {tag} tag(s) but {len(s['images'])} image(s); "
-                            f"each image needs exactly one tag")
-        return messages
+    Item keys: input_ids, labels (long [L]), attention_mask (long [L], ones), mm_token_type_ids
+    (int32 [L], 1 on image pad tokens), and for samples with images pixel_values (float
+    [n_patches, C*T*P*P]) + image_grid_thw (long [k, 3]).
+    Attributes: ``media[i]`` = (where, image paths, patch grids) of sample i, ``max_length``, and
+    the build counts ``num_truncated``, ``num_dropped_media``, ``num_dropped_untrained``.
+    """
+
+    def __init__(self, cfg: DataConfig, processor, seq_length: int):
+        pp, bp = cfg.dataset_param.preprocess_parameters, cfg.dataset_param.basic_parameters
+        self.template = get_template(bp.template)
+        self.image_processor = processor.image_processor
+        self.min_pixels, self.max_pixels = max(pp.image_min_pixels, 1), pp.image_max_pixels  # see media.py
+        tok = processor.tokenizer
+        img = self.template.image
+        self.image_token_id = tok.convert_tokens_to_ids(img.pad)
+        self._media_token_ids = np.array([tok.convert_tokens_to_ids(t) for t in (img.start, img.pad, img.end)])
+        self.max_length = min(seq_length, bp.cutoff_len or seq_length)
+        self.num_truncated = self.num_dropped_media = self.num_dropped_untrained = 0
+
+        samples = load_samples(cfg)
+        merge2 = self.image_processor.merge_size ** 2
+        ids_parts, label_parts = [], []
+        self.media: list[tuple[str, tuple[str, ...], tuple[tuple[int, int, int], ...]]] = []
+        for start in range(0, len(samples), bp.preprocessing_batch_size):
+            rendered, metas = [], []
+            for s in samples[start:start + bp.preprocessing_batch_size]:
+                where = f"{s['source']}: sample {s['index']}"
+                if not s["images"] and cfg.dataset_param.attr.images is None and \
+                        any(img.placeholder in m["content"] for m in s["messages"]):
+                    raise DataError(f"{where}: has {img.placeholder} tags but data.json attr.images is not set")
+                messages = place_image_tags(self.template, s["messages"], len(s["images"]), where)
+                grids = tuple(image_grid(p, where, self.image_processor, self.min_pixels, self.max_pixels)
+                              for p in s["images"])
+                counts = [t * h * w // merge2 for t, h, w in grids]
+                rendered.append(render(self.template, messages, counts, bp.train_on_prompt, bp.mask_history))
+                metas.append((where, tuple(s["images"]), grids))
+            for (ids, labels), meta in zip(encode(tok, rendered), metas):
+                ids, labels = self._fit(ids.astype(np.int32), labels.astype(np.int32))
+                if ids is not None:
+                    ids_parts.append(ids)
+                    label_parts.append(labels)
+                    self.media.append(meta)
+        if not self.media:
+            raise DataError(f"{cfg.source}: no usable sample out of {len(samples)}: "
+                            f"{self.num_dropped_media} would have media cut at the length limit "
+                            f"{self.max_length}, {self.num_dropped_untrained} have no trained token")
+        self.input_ids = np.concatenate(ids_parts)
+        self.labels = np.concatenate(label_parts)
+        self.offsets = np.cumsum([0] + [len(x) for x in ids_parts])
+
+    def _fit(self, ids: np.ndarray, labels: np.ndarray):
+        """Apply the length limit; (None, None) when the sample must be dropped."""
+        cut = len(ids) > self.max_length
+        if cut and np.isin(ids[self.max_length:], self._media_token_ids).any():
+            self.num_dropped_media += 1
+            return None, None
+        ids, labels = ids[:self.max_length], labels[:self.max_length]
+        if (labels[1:] == IGNORE_INDEX).all():  # position 0 is never a prediction target
+            self.num_dropped_untrained += 1
+            return None, None
+        self.num_truncated += cut
+        return ids, labels
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.media)
 
     def __getitem__(self, i: int) -> dict:
-        it = self.items[i]
-        ids = torch.tensor(it["input_ids"], dtype=torch.long)
-        out = {"input_ids": ids, "labels": torch.tensor(it["labels"], dtype=torch.long),
-               "attention_mask": torch.ones_like(ids),
-               "mm_token_type_ids": (ids == self.image_token_id).to(torch.int32)}
-        if it["images"]:
-            pv, grid = load_images(it["images"], it["where"], self.image_processor, self.min_pixels, self.max_pixels)
-            if grid.tolist() != [list(g) for g in it["grids"]]:
-                raise DataError(f"{it['where']}: image grid {grid.tolist()} differs from the header-based "
-                                f"{it['grids']} (image changed on disk?)")
-            out["pixel_values"], out["image_grid_thw"] = pv, grid
-        return out
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        ids = torch.from_numpy(self.input_ids[lo:hi].astype(np.int64))
+        item = {"input_ids": ids,
+                "labels": torch.from_numpy(self.labels[lo:hi].astype(np.int64)),
+                "attention_mask": torch.ones_like(ids),
+                "mm_token_type_ids": (ids == self.image_token_id).to(torch.int32)}
+        where, paths, grids = self.media[i]
+        if paths:
+            pixel_values, grid_thw = load_images(list(paths), where, self.image_processor,
+                                                 self.min_pixels, self.max_pixels)
+            if grid_thw.tolist() != [list(g) for g in grids]:
+                raise DataError(f"{where}: image grid {grid_thw.tolist()} differs from the one computed at "
+                                f"build time {list(grids)} (image changed on disk?)")
+            item["pixel_values"], item["image_grid_thw"] = pixel_values, grid_thw
+        return item
 
 
-def build_train_dataset(cfg: DataConfig, processor, seq_length: int) -> SFTDataset:
-    ds = SFTDataset(cfg, processor, seq_length)
-    if ds.dropped or ds.truncated:
-        print(f"[data] {len(ds)} samples; {ds.truncated} truncated, {ds.dropped} dropped "
-              f"(media would be cut at seq-length, or no trained token)", flush=True)
+def build_train_dataset(data_cfg: DataConfig, processor, seq_length: int) -> SFTDataset:
+    """The training set of ``data_cfg``, tokenized with ``processor``; logs what the length limit cost."""
+    ds = SFTDataset(data_cfg, processor, seq_length)
+    dropped = ds.num_dropped_media + ds.num_dropped_untrained
+    if dropped or ds.num_truncated:
+        log.warning("%s: %d samples; %d truncated to %d tokens, %d dropped (%d would have media cut at the "
+                    "length limit, %d have no trained token)", data_cfg.source, len(ds), ds.num_truncated,
+                    ds.max_length, dropped, ds.num_dropped_media, ds.num_dropped_untrained)
     return ds

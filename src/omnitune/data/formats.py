@@ -1,11 +1,12 @@
-"""Read dataset files and map them through data.json ``attr`` to one normalized form::
+"""Read dataset files and map each record through data.json ``attr`` to one normalized sample::
 
-    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "images": [abs path, ...],
-     "source": "file.json", "index": 12}
+    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+     "images": [absolute path, ...], "source": "/abs/file.json", "index": 12}
 
 mllm JSON (messages/role/content/user/assistant) and sharegpt (conversations/from/value/human/gpt)
-are both this mapping with different tag names. JSON arrays and JSONL files are accepted.
-Every structural problem is an error naming the file and the sample index.
+are the same mapping with different tag names. A file may be a JSON array or JSONL (one object per
+line), whatever its suffix. Every structural problem is an error naming the file and sample index
+(the record's position in its file, counting from 0; blank JSONL lines do not count).
 """
 from __future__ import annotations
 
@@ -20,102 +21,123 @@ class DataError(ValueError):
 
 
 def resolve_dataset_files(cfg: DataConfig) -> list[Path]:
+    """Paths of the comma-separated ``dataset`` files.
+
+    A relative name is tried as given (relative to the current directory), then under dataset_dir,
+    then as its bare file name under dataset_dir: the MindSpeed-MM guides pair
+    ``"dataset_dir": "/home/user/data/"`` with ``"dataset": "./data/file.json"``.
+    """
     b = cfg.dataset_param.basic_parameters
+    ddir = Path(b.dataset_dir)
     out = []
     for name in b.dataset.split(","):
         p = Path(name)
-        candidates = [p] if p.is_absolute() else [p, Path(b.dataset_dir) / p, Path(b.dataset_dir) / p.name]
+        candidates = [p] if p.is_absolute() else [p, ddir / p, ddir / p.name]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise DataError(f"{cfg.source}: basic_parameters.dataset: file {name!r} not found "
-                            f"(looked at {', '.join(str(c) for c in candidates)})")
+            tried = ", ".join(dict.fromkeys(str(c) for c in candidates))
+            raise DataError(f"{cfg.source}: basic_parameters.dataset: file {name!r} not found (tried {tried})")
         out.append(found.resolve())
     return out
 
 
-def read_records(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
+def read_records(path: Path) -> list:
+    """The records of a JSON-array or JSONL file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if not text.lstrip().startswith("{"):
+            raise DataError(f"{path}: not valid JSON ({e}); use a JSON array of samples or JSONL") from None
+        data = None
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and len(text.strip().splitlines()) == 1:  # a one-line JSONL file
+        return [data]
+    if data is None:  # JSONL
         records = []
-        for i, line in enumerate(text.splitlines()):
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {i + 1} is not valid JSON ({e.msg}); fix or remove the line") from None
+                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); fix or remove the line") from None
         return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); use a JSON array or a .jsonl file") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of samples, got {type(data).__name__}")
-    return data
+    raise DataError(f"{path}: expected a JSON array of samples or JSONL, got a JSON {type(data).__name__}")
 
 
 def _resolve_media(name: str, dataset_dir: Path, data_file: Path) -> Path:
+    """dataset_dir/name when that file exists, else name relative to the current directory, else
+    relative to the dataset file. A missing file keeps its dataset_dir path (reported later)."""
     p = Path(name)
     if p.is_absolute():
         return p
     for base in (dataset_dir, Path.cwd(), data_file.parent):
         if (base / p).is_file():
             return (base / p).resolve()
-    return (dataset_dir / p).resolve()  # missing: reported when the sample is built
+    return (dataset_dir / p).resolve()
 
 
-def normalize(record: dict, index: int, path: Path, cfg: DataConfig) -> dict:
+def normalize(record, index: int, path: Path, cfg: DataConfig) -> dict:
+    """Map one record to the normalized sample; check roles alternate and the last turn answers."""
     a = cfg.dataset_param.attr
     where = f"{path}: sample {index}"
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     turns = record.get(a.messages)
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: '{a.messages}' is missing or empty (attr.messages)")
+        found = "empty" if isinstance(turns, list) else "missing" if turns is None else f"a {type(turns).__name__}"
+        hint = "" if a.messages in record else f" (attr.messages is {a.messages!r}; keys here: {sorted(record)})"
+        raise DataError(f"{where}: the conversation '{a.messages}' is {found}{hint}")
     roles = {a.user_tag: "user", a.assistant_tag: "assistant"}
-    roles[a.system_tag or "system"] = "system"
+    if a.system_tag:
+        roles[a.system_tag] = "system"
     messages = []
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict) or a.role_tag not in turn or a.content_tag not in turn:
-            raise DataError(f"{where}: turn {j} needs '{a.role_tag}' and '{a.content_tag}' (attr.role_tag/content_tag)")
-        role = turns[j][a.role_tag]
+            raise DataError(f"{where}: turn {j} needs keys '{a.role_tag}' and '{a.content_tag}' "
+                            f"(attr.role_tag / attr.content_tag)")
+        role, content = turn[a.role_tag], turn[a.content_tag]
         if role not in roles:
-            raise DataError(f"{where}: turn {j} has unknown role {role!r}; expected one of {sorted(roles)}")
-        content = turn[a.content_tag]
+            raise DataError(f"{where}: turn {j} has unknown role {role!r}; expected one of {sorted(roles)} "
+                            f"(attr.user_tag / assistant_tag / system_tag)")
         if not isinstance(content, str):
-            raise DataError(f"{where}: turn {j} content must be a string")
+            raise DataError(f"{where}: turn {j} content must be a string, got {type(content).__name__}")
         messages.append({"role": roles[role], "content": content})
-    if a.system and record.get(a.system):
-        messages.insert(0, {"role": "system", "content": record[a.system]})
-    body = messages[1:] if messages[0]["role"] == "system" else messages
-    if any(m["role"] == "system" for m in body):
-        raise DataError(f"{where}: a system turn may only come first")
-    if not body:
-        raise DataError(f"{where}: empty conversation")
-    for j, m in enumerate(body):
-        want = "user" if j % 2 == 0 else "assistant"
-        if m["role"] != want:
-            raise DataError(f"{where}: roles must alternate user/assistant; turn {j} is {m['role']!r}, "
-                            f"expected {want!r}")
-    if body[-1]["role"] != "assistant":
+    first = 1 if messages[0]["role"] == "system" else 0
+    if first == len(messages):
+        raise DataError(f"{where}: empty conversation (only a system prompt)")
+    for j in range(first, len(messages)):
+        want = "user" if (j - first) % 2 == 0 else "assistant"
+        if messages[j]["role"] != want:
+            raise DataError(f"{where}: roles must alternate user/assistant after an optional leading system "
+                            f"turn; turn {j} is {messages[j]['role']!r}, expected {want!r}")
+    if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the conversation must end with an assistant turn")
+    if a.system and record.get(a.system):
+        if first:
+            raise DataError(f"{where}: both a system turn and the attr.system column '{a.system}' are given")
+        messages.insert(0, {"role": "system", "content": str(record[a.system])})
     images = []
     if a.images:
         raw = record.get(a.images) or []
-        if isinstance(raw, str):
-            raw = [raw]
+        raw = [raw] if isinstance(raw, str) else raw
+        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+            raise DataError(f"{where}: '{a.images}' must be a list of image paths")
         ddir = Path(cfg.dataset_param.basic_parameters.dataset_dir)
         images = [str(_resolve_media(x, ddir, path)) for x in raw]
     return {"messages": messages, "images": images, "source": str(path), "index": index}
 
 
 def load_samples(cfg: DataConfig) -> list[dict]:
-    """All normalized samples of the comma-separated datasets; max_samples applies per file."""
+    """Normalized samples of all datasets, in file order; max_samples applies per file."""
     max_samples = cfg.dataset_param.basic_parameters.max_samples
     out = []
     for path in resolve_dataset_files(cfg):
-        records = read_records(path)
-        if max_samples is not None:
-            records = records[:max_samples]
+        records = read_records(path)[:max_samples]
         out.extend(normalize(r, i, path, cfg) for i, r in enumerate(records))
     return out

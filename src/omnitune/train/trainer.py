@@ -166,7 +166,8 @@ class Trainer:
             self.log(f"resumed from {ckpt} at iteration {self.iteration} ({self.consumed} samples consumed)")
         self.sampler = MicroBatchSampler(
             len(self.dataset), a.micro_batch_size, self.gbs, dist_ctx.rank, world,
-            shuffle=dl.shuffle, seed=a.seed, consumed_samples=self.consumed)
+            shuffle=dl.shuffle, seed=a.seed, drop_last=dl.drop_last,
+            consumed_samples=self.consumed)
         metrics_file = Path(a.save) / "metrics.jsonl" if a.save else None
         self.logger = Logger(dist_ctx.is_main, a.train_iters, log_tps=a.log_tps, metrics_file=metrics_file)
 
