@@ -279,3 +279,29 @@ def test_model_json_sizes_must_match_config_and_dry_run_plan(hf_dir, tmp_path):
     r = omnitune(["train", *flags], check=False)
     assert r.returncode == 2
     assert "text_decoder.num_layers = 28 but the HF config.json says 2" in r.stderr
+
+
+def test_vision_tower_runs_once_per_micro_batch_and_dummy_is_masked(hf_dir, tmp_path):
+    """Every rank must call the (FSDP-sharded) vision tower the same number of times per micro-batch,
+    whatever its data: once with real pixels, once with a masked dummy for text-only batches."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from omnitune.models.registry import get_family
+    from omnitune.train.model import TrainModel
+
+    fam = get_family("qwen2_vl")
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
+    model = TrainModel(hf, fam)
+    calls = []
+    fam.vision_tower(hf).register_forward_hook(lambda *a: calls.append(1))
+    batch = _batch(hf_dir, tmp_path, n=4)
+    assert "pixel_values" in batch
+    model(batch)
+    assert len(calls) == 1
+    text_only = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    text_only["input_ids"] = text_only["input_ids"].masked_fill(text_only["input_ids"] == 151655, 151643)
+    loss_sum, n, aux = model(text_only)
+    assert len(calls) == 2 and aux.item() == 0.0
+    (loss_sum / n + aux).backward()
+    vision_grads = [p.grad for p in fam.vision_tower(hf).parameters()]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in vision_grads)  # in the graph, masked
