@@ -74,6 +74,27 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
+def cmd_data(argv: list[str]) -> int:
+    """`omnitune data llava-to-mllm ...`: dataset converters."""
+    from omnitune.data.tools.llava import llava_to_mllm
+
+    p = argparse.ArgumentParser(prog="omnitune data", description="dataset converters")
+    sub = p.add_subparsers(dest="tool", required=True)
+    lv = sub.add_parser("llava-to-mllm", help="LLaVA-Instruct json -> mllm json (images + messages)")
+    lv.add_argument("--input", default="./data/llava_instruct_150k.json")
+    lv.add_argument("--image-dir", default="./data/COCO2017/train2017")
+    lv.add_argument("--output", default="./data/mllm_format_llava_instruct_data.json")
+    lv.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        report = llava_to_mllm(a.input, a.image_dir, a.output, overwrite=a.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"omnitune: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{a.output}: {report.summary()}")
+    return 0
+
+
 def cmd_tiny_model(argv: list[str]) -> int:
     from omnitune.models.tiny import build_tiny_model
 
@@ -99,7 +120,7 @@ def cmd_demo(argv: list[str]) -> int:
     return run_demo(a.out, a.nproc_per_node, a.train_iters)
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "generate": cmd_generate,
+COMMANDS = {"train": cmd_train, "export": cmd_export, "generate": cmd_generate, "data": cmd_data,
             "tiny-model": cmd_tiny_model, "demo": cmd_demo}
 
 
@@ -110,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
               "  train       fine-tune (MindSpeed-MM flags; --nproc-per-node N starts torchrun)\n"
               "  export      training checkpoint -> Hugging Face folder\n"
               "  generate    greedy reply from an HF folder (--image, --prompt)\n"
+              "  data        dataset converters (llava-to-mllm)\n"
               "  demo        tiny model + bundled data: train, export, reload, generate\n"
               "  tiny-model  write a random-weight HF folder for tests", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -1,0 +1,1 @@
+"""Dataset converters (`omnitune data ...`)."""
