@@ -66,3 +66,36 @@ def test_converted_llava_data_loads_with_seed_style_data_json(tmp_path, monkeypa
     ds = build_train_dataset(load_data_config("data.json"), AutoProcessor.from_pretrained(tiny_qwen2vl), 1024)
     assert len(ds) == 2
     assert sum("pixel_values" in ds[i] for i in range(2)) == 1
+
+
+def test_rlhfv_to_dpo_from_parquet_with_skip_report(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
+    good = {"bytes": buf.getvalue(), "path": None}
+    rows = [
+        {"conversations": [{"from": "human", "value": "<image>Describe."}], "chosen": {"from": "gpt", "value": "Red."},
+         "rejected": {"from": "gpt", "value": "Blue."}, "images": [good]},
+        {"conversations": [{"from": "human", "value": "<image>Describe."}], "chosen": {"from": "gpt", "value": "A."},
+         "rejected": {"from": "gpt", "value": "B."}, "images": [{"bytes": b"garbage", "path": None}]},
+        {"conversations": [{"from": "human", "value": "x"}], "chosen": {"from": "gpt", "value": "A."},
+         "rejected": {"from": "gpt", "value": "B."}, "images": []},
+    ]
+    folder = tmp_path / "data" / "datasets" / "rlhf-v" / "data"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000-of-00001.parquet")
+    script = REPO / "examples" / "qwen2vl" / "rlhfv_2_sharegpt_demo_format.py"
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "wrote 1 pairs; skipped 2" in r.stdout
+    assert "item 1: image cannot be decoded" in r.stdout and "item 2: missing or empty images" in r.stdout
+    out = json.loads((tmp_path / "data" / "rlhf-v.json").read_text())
+    assert out == [{"messages": [{"role": "user", "content": "<image>Describe."}],
+                    "chosen": {"role": "assistant", "content": "Red."},
+                    "rejected": {"role": "assistant", "content": "Blue."},
+                    "images": ["data/rlhf_v_images/res/0000.jpg"]}]
+    assert (tmp_path / "data/rlhf_v_images/res/0000.jpg").read_bytes() == good["bytes"]

@@ -77,6 +77,7 @@ def cmd_generate(argv: list[str]) -> int:
 def cmd_data(argv: list[str]) -> int:
     """`omnitune data llava-to-mllm ...`: dataset converters."""
     from omnitune.data.tools.llava import llava_to_mllm
+    from omnitune.data.tools.rlhfv import rlhfv_to_dpo
 
     p = argparse.ArgumentParser(prog="omnitune data", description="dataset converters")
     sub = p.add_subparsers(dest="tool", required=True)
@@ -85,9 +86,15 @@ def cmd_data(argv: list[str]) -> int:
     lv.add_argument("--image-dir", default="./data/COCO2017/train2017")
     lv.add_argument("--output", default="./data/mllm_format_llava_instruct_data.json")
     lv.add_argument("--overwrite", action="store_true")
+    rl = sub.add_parser("rlhfv-to-dpo", help="RLHF-V (HF dataset folder / parquet) -> DPO pairs json")
+    rl.add_argument("--input", default="./data/datasets/rlhf-v")
+    rl.add_argument("--image-dir", default="./data/rlhf_v_images/res")
+    rl.add_argument("--output", default="./data/rlhf-v.json")
+    rl.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
+    convert = llava_to_mllm if a.tool == "llava-to-mllm" else rlhfv_to_dpo
     try:
-        report = llava_to_mllm(a.input, a.image_dir, a.output, overwrite=a.overwrite)
+        report = convert(a.input, a.image_dir, a.output, overwrite=a.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"omnitune: error: {e}", file=sys.stderr)
         return 2
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
               "  train       fine-tune (MindSpeed-MM flags; --nproc-per-node N starts torchrun)\n"
               "  export      training checkpoint -> Hugging Face folder\n"
               "  generate    greedy reply from an HF folder (--image, --prompt)\n"
-              "  data        dataset converters (llava-to-mllm)\n"
+              "  data        dataset converters (llava-to-mllm, rlhfv-to-dpo)\n"
               "  demo        tiny model + bundled data: train, export, reload, generate\n"
               "  tiny-model  write a random-weight HF folder for tests", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
