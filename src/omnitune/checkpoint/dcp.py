@@ -29,6 +29,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from omnitune.fsutil import write_text_atomic
+
 LATEST = "latest_checkpointed_iteration.txt"
 STATE = "trainer_state.json"
 
@@ -44,12 +46,6 @@ def _barrier():
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:

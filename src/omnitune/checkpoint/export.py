@@ -6,14 +6,11 @@ original HF folder). Written to a temp folder and renamed at the end.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-import torch
-
 from omnitune.checkpoint import dcp as ckpt_io
+from omnitune.fsutil import atomic_dir
 
 # files of an HF folder that are weights or written by save_pretrained itself
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -42,17 +39,9 @@ def export_hf(load: str | Path, save: str | Path, model_assets: str | Path | Non
     family = family_for_hf_config(config)
     model = load_hf_model(family, None, config, init_weights=False)
     ckpt_io.load_model_weights_from_dcp(ckpt, model)
-    save.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=save.name + ".tmp-", dir=save.parent))
-    try:
+    with atomic_dir(save) as tmp:
         for f in sorted(assets.iterdir()):
             if f.is_file() and f.name not in _SKIP and not f.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(f, tmp / f.name)
         model.save_pretrained(tmp)
-        if save.exists():
-            shutil.rmtree(save)
-        os.replace(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return save

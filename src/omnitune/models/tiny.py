@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from omnitune.fsutil import atomic_dir
 
 
 def qwen_tokenizer_dir() -> Path:
@@ -57,25 +57,13 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, size: str = "tiny"
 
     fam = get_family(family)
     out = Path(out_dir)
-    if out.exists():
-        if (out / "config.json").is_file() and not overwrite:
-            return out
-        if overwrite:
-            shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    if (out / "config.json").is_file() and not overwrite:
+        return out
+    with atomic_dir(out) as tmp:
         config = fam.tiny_config(size)
         torch.manual_seed(seed)
         model = fam.model_class()(config)
-        model.eval()
         processor = fam.build_processor(load_qwen_tokenizer)
         processor.save_pretrained(tmp)
         model.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

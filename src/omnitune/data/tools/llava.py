@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omnitune.fsutil import write_text_atomic
+
 ROLES = {"human": "user", "gpt": "assistant"}
 
 
@@ -66,9 +68,6 @@ def llava_to_mllm(input_json: str | Path, image_dir: str, output_json: str | Pat
                 raise ValueError(f"{name}: turn {j} has unknown role {turn.get('from')!r}; expected human or gpt")
             messages.append({"role": role, "content": turn.get("value", "")})
         result.append({"images": images, "messages": messages})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(result, ensure_ascii=False))
     report.written = len(result)
     return report

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from omnitune.fsutil import write_text_atomic
 
 REQUIRED = ("conversations", "chosen", "rejected", "images")
 
@@ -81,9 +82,6 @@ def rlhfv_to_dpo(source: str | Path, image_dir: str | Path, output_json: str | P
             "rejected": {"role": "assistant", "content": item["rejected"]["value"]},
             "images": [str(path)],
         })
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(result, ensure_ascii=False, indent=2))
     report.written = len(result)
     return report
