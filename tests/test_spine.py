@@ -305,3 +305,21 @@ def test_vision_tower_runs_once_per_micro_batch_and_dummy_is_masked(hf_dir, tmp_
     (loss_sum / n + aux).backward()
     vision_grads = [p.grad for p in fam.vision_tower(hf).parameters()]
     assert all(g is not None and torch.count_nonzero(g) == 0 for g in vision_grads)  # in the graph, masked
+
+
+@pytest.mark.slow
+def test_no_save_optim_rng_then_resume_needs_no_load_optim(hf_dir, tmp_path):
+    data_json, model_json = write_configs(tmp_path, hf_dir)
+    save = tmp_path / "save"
+    omnitune(["train", *train_flags(data_json, model_json, iters=3, save=save, load=hf_dir,
+                                    extra=["--exit-interval", "2", "--save-interval", "2",
+                                           "--no-save-optim", "--no-save-rng"])])
+    ckpt = save / "iter_0000002"
+    assert not (ckpt / "rng").exists()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["has_optim"] is False
+    r = omnitune(["train", *train_flags(data_json, model_json, iters=3, save=save, load=save)], check=False)
+    assert r.returncode == 2 and "add --no-load-optim" in r.stderr
+    r = omnitune(["train", *train_flags(data_json, model_json, iters=3, save=save, load=save,
+                                        extra=["--no-load-optim", "--no-load-rng"])])
+    assert "resumed from" in r.stdout and "at iteration 2" in r.stdout
+    assert sorted(losses(save)) == [1, 2, 3]

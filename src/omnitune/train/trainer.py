@@ -86,7 +86,10 @@ def make_plan(argv: list[str]) -> tuple[Plan, bool]:
             raise ConfigError(f"--load {args.load}: no such folder")
         if ckpt_io.is_training_checkpoint_root(lp):
             load_kind = "resume"
-            ckpt_io.resolve_checkpoint(lp)  # fails early if `latest` points nowhere
+            meta = ckpt_io.read_trainer_state(ckpt_io.resolve_checkpoint(lp))  # fails early if `latest` points nowhere
+            if not args.no_load_optim and not meta.get("has_optim", False):
+                raise ConfigError(f"--load {args.load}: the checkpoint holds no optimizer state (saved with "
+                                  f"--no-save-optim); add --no-load-optim to resume with a fresh optimizer")
         elif (lp / "config.json").is_file() and any(lp.glob("*.safetensors")):
             load_kind = "hf"
         else:
