@@ -11,8 +11,8 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 WORLD_SIZE=$(($NPUS_PER_NODE*$NNODES))
 
-MM_DATA="./examples/qwen2vl/data_2b.json"
-MM_MODEL="./examples/qwen2vl/model_2b.json"
+MM_DATA="${MM_DATA:-./examples/qwen2vl/data_2b.json}"
+MM_MODEL="${MM_MODEL:-./examples/qwen2vl/model_2b.json}"
 LOAD_PATH="${LOAD_PATH:-ckpt/hf_path/Qwen2-VL-2B-Instruct}"
 SAVE_PATH="${SAVE_PATH:-save_dir}"
 
