@@ -46,10 +46,11 @@ def omnitune(args: list[str], *, timeout: float = 600, env: dict | None = None,
     return r
 
 
-def losses(save: Path) -> dict[int, float]:
-    """iteration -> loss from metrics.jsonl (later lines win, so a resumed run overrides)."""
+def losses(save: Path, key: str = "loss") -> dict[int, float]:
+    """iteration -> loss (or val_loss) from metrics.jsonl (later lines win, so a resumed run overrides)."""
     out = {}
     for line in (save / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out[rec["iteration"]] = rec["loss"]
+        if key in rec:
+            out[rec["iteration"]] = rec[key]
     return out

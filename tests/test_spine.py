@@ -323,3 +323,43 @@ def test_no_save_optim_rng_then_resume_needs_no_load_optim(hf_dir, tmp_path):
                                         extra=["--no-load-optim", "--no-load-rng"])])
     assert "resumed from" in r.stdout and "at iteration 2" in r.stdout
     assert sorted(losses(save)) == [1, 2, 3]
+
+
+def test_validation_split_sizes(hf_dir, tmp_path):
+    from transformers import AutoProcessor
+
+    from omnitune.config.data import load_data_config
+    from omnitune.data import build_datasets
+    from omnitune.data import demo_data_dir
+
+    data_json, _ = write_configs(tmp_path, hf_dir)
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    d = json.loads(data_json.read_text())
+    basic = d["dataset_param"]["basic_parameters"]
+    basic["val_rate"] = 0.25
+    data_json.write_text(json.dumps(d))
+    train, val = build_datasets(load_data_config(data_json), processor, 512, seed=1)
+    assert (len(train), len(val)) == (36, 12)
+    assert not set(train.indices) & set(val.indices)
+    basic["val_max_samples"] = 5
+    data_json.write_text(json.dumps(d))
+    assert len(build_datasets(load_data_config(data_json), processor, 512)[1]) == 5
+    del basic["val_rate"]
+    basic["val_dataset"] = str(demo_data_dir() / "demo.json")
+    data_json.write_text(json.dumps(d))
+    train, val = build_datasets(load_data_config(data_json), processor, 512)
+    assert (len(train), len(val)) == (48, 5)
+
+
+@pytest.mark.slow
+def test_eval_interval_logs_falling_validation_loss(hf_dir, tmp_path):
+    data_json, model_json = write_configs(tmp_path, hf_dir)
+    d = json.loads(data_json.read_text())
+    d["dataset_param"]["basic_parameters"]["val_rate"] = 0.2
+    data_json.write_text(json.dumps(d))
+    save = tmp_path / "save"
+    r = omnitune(["train", *train_flags(data_json, model_json, iters=4, save=save, load=hf_dir,
+                                        extra=["--eval-interval", "2", "--eval-iters", "1"])])
+    assert "validation loss at iteration 2" in r.stdout and "validation loss at iteration 4" in r.stdout
+    val = losses(save, "val_loss")
+    assert sorted(val) == [2, 4] and val[4] < val[2]

@@ -158,9 +158,8 @@ def unsupported_features(cfg: DataConfig) -> list[str]:
     for key in ("streaming", "packing"):
         if getattr(b, key):
             out.append(f"basic_parameters.{key}: true is not implemented in this version; remove it or set false")
-    for key in ("val_dataset", "val_rate"):
-        if getattr(b, key) is not None:
-            out.append(f"basic_parameters.{key}: validation sets are not implemented in this version; remove it")
+    if b.val_dataset is not None and b.val_rate is not None:
+        out.append("basic_parameters.val_dataset and val_rate are both set; use one of them")
     if b.tool_format is not None:
         out.append("basic_parameters.tool_format: tool calls are not implemented in this version; set null")
     if pp.split_special_tokens:

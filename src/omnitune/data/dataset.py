@@ -13,10 +13,11 @@ pixels cannot train). Samples left with no trained token are dropped too. Both a
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from omnitune.config.data import DataConfig
 from omnitune.data.formats import DataError, load_samples
@@ -122,3 +123,27 @@ def build_train_dataset(data_cfg: DataConfig, processor, seq_length: int) -> SFT
                     "length limit, %d have no trained token)", data_cfg.source, len(ds), ds.num_truncated,
                     ds.max_length, dropped, ds.num_dropped_media, ds.num_dropped_untrained)
     return ds
+
+
+def build_datasets(data_cfg: DataConfig, processor, seq_length: int, seed: int = 1234):
+    """(train, validation or None). Validation is ``val_dataset`` (its own files, capped by
+    ``val_max_samples``) or a ``val_rate`` fraction split off the training set with a seeded shuffle
+    (at least one sample; capped by ``val_max_samples``)."""
+    b = data_cfg.dataset_param.basic_parameters
+    train = build_train_dataset(data_cfg, processor, seq_length)
+    if b.val_dataset is not None:
+        vcfg = data_cfg.model_copy(deep=True)
+        vb = vcfg.dataset_param.basic_parameters
+        vb.dataset, vb.max_samples = b.val_dataset, b.val_max_samples
+        vcfg._source = data_cfg.source
+        return train, build_train_dataset(vcfg, processor, seq_length)
+    if b.val_rate is not None:
+        n_val = max(1, math.floor(len(train) * b.val_rate))
+        if b.val_max_samples is not None:
+            n_val = min(n_val, b.val_max_samples)
+        if n_val >= len(train):
+            raise DataError(f"{data_cfg.source}: basic_parameters.val_rate {b.val_rate} leaves no training sample "
+                            f"out of {len(train)}")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        return Subset(train, sorted(order[n_val:])), Subset(train, sorted(order[:n_val]))
+    return train, None

@@ -3,6 +3,7 @@ machine-readable ``metrics.jsonl`` beside the checkpoints, and the --log-tps sum
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -39,6 +40,16 @@ class Logger:
             if self.log_tps:
                 line += f" tokens per sample: {stats['tokens'] / gbs:.1f} |"
             print(line, flush=True)
+
+    def eval(self, iteration: int, loss: float) -> None:
+        if not self.is_main:
+            return
+        if self.metrics_file is not None:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps({"iteration": iteration, "val_loss": loss}) + "\n")
+        ppl = math.exp(min(loss, 20.0))
+        print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] validation loss at iteration {iteration} | "
+              f"lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |", flush=True)
 
     def finish(self) -> None:
         if not self.is_main or not self.log_tps:

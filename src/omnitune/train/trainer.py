@@ -127,7 +127,7 @@ class Trainer:
         from torch.utils.data import DataLoader
         from transformers import AutoProcessor
 
-        from omnitune.data import Collator, MicroBatchSampler, build_train_dataset
+        from omnitune.data import Collator, MicroBatchSampler, build_datasets
         from omnitune.parallel.fsdp import apply_fsdp
 
         self.plan, self.d = plan, dist_ctx
@@ -142,11 +142,12 @@ class Trainer:
 
         # data
         processor = AutoProcessor.from_pretrained(plan.hf_dir, trust_remote_code=False)
-        self.dataset = build_train_dataset(plan.data_cfg, processor, a.seq_length)
+        self.dataset, self.val_dataset = build_datasets(plan.data_cfg, processor, a.seq_length, seed=a.seed)
         dl = plan.data_cfg.dataloader_param
         self._loader_args = dict(collate_fn=Collator(processor.tokenizer.pad_token_id),
                                  num_workers=a.num_workers, pin_memory=dl.pin_memory and dist_ctx.device.type != "cpu")
-        self._make_loader = lambda sampler: DataLoader(self.dataset, batch_sampler=sampler, **self._loader_args)
+        self._make_loader = lambda sampler, ds=None: DataLoader(ds if ds is not None else self.dataset,
+                                                                batch_sampler=sampler, **self._loader_args)
 
         # model
         init = plan.load_kind == "hf"
@@ -239,12 +240,36 @@ class Trainer:
                 raise FloatingPointError(f"loss is {stats['loss']} at iteration {self.iteration}")
             self.logger.step(self.iteration, self.consumed, dt, lr, self.gbs, stats,
                              show=self.iteration % a.log_interval == 0)
+            if a.eval_interval and self.iteration % a.eval_interval == 0:
+                self.evaluate()
             if a.save and a.save_interval and self.iteration % a.save_interval == 0:
                 self.save()
         if a.save and (not a.save_interval or self.iteration % a.save_interval != 0):
             self.save()
         self.logger.finish()
         return losses
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Validation loss: --eval-iters global batches of the validation set (cycled; rank r takes
+        every world-th micro-batch), token mean over all of them. No-op without a validation set."""
+        a, dev = self.args, self.d.device
+        if self.val_dataset is None or a.eval_iters <= 0:
+            return None
+        n, world, mbs = len(self.val_dataset), self.d.world_size, a.micro_batch_size
+        batches = [[((k * world + self.d.rank) * mbs + j) % n for j in range(mbs)]
+                   for k in range(a.eval_iters * self.grad_acc)]
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=dev)
+        for mb in self._make_loader(batches, self.val_dataset):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
+                loss_sum, count, _ = self.model(_to_device(mb, dev))
+            totals += torch.stack([loss_sum.double(), count.double()])
+        self.model.train()
+        dist.all_reduce(totals)
+        loss = (totals[0] / totals[1].clamp(min=1)).item()
+        self.logger.eval(self.iteration, loss)
+        return loss
 
     def save(self) -> None:
         a = self.args
