@@ -329,8 +329,7 @@ def test_validation_split_sizes(hf_dir, tmp_path):
     from transformers import AutoProcessor
 
     from omnitune.config.data import load_data_config
-    from omnitune.data import build_datasets
-    from omnitune.data import demo_data_dir
+    from omnitune.data import build_datasets, demo_data_dir
 
     data_json, _ = write_configs(tmp_path, hf_dir)
     processor = AutoProcessor.from_pretrained(hf_dir)
