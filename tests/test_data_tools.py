@@ -99,3 +99,20 @@ def test_rlhfv_to_dpo_from_parquet_with_skip_report(tmp_path):
                     "rejected": {"role": "assistant", "content": "Blue."},
                     "images": ["data/rlhf_v_images/res/0000.jpg"]}]
     assert (tmp_path / "data/rlhf_v_images/res/0000.jpg").read_bytes() == good["bytes"]
+
+
+def test_inspect_counts_and_marks_trained_tokens(tmp_path, tiny_qwen2vl):
+    from omnitune.cli.demo import demo_configs
+
+    data_json, _ = demo_configs(tmp_path, tiny_qwen2vl)
+    r = subprocess.run([sys.executable, "-m", "omnitune.cli.main", "data", "inspect", "--mm-data", str(data_json),
+                        "--index", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "samples        : 48 (32 with images, 16 text-only)" in r.stdout
+    assert "images         : 32" in r.stdout
+    sample = r.stdout.split("trained tokens in [[...]]\n", 1)[1]
+    assert sample.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert sample.rstrip().endswith("<|im_end|>\n]]")
+    r = subprocess.run([sys.executable, "-m", "omnitune.cli.main", "data", "inspect", "--mm-data", str(data_json),
+                        "--index", "99"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--index 99: the dataset has 48 samples" in r.stderr

@@ -91,7 +91,20 @@ def cmd_data(argv: list[str]) -> int:
     rl.add_argument("--image-dir", default="./data/rlhf_v_images/res")
     rl.add_argument("--output", default="./data/rlhf-v.json")
     rl.add_argument("--overwrite", action="store_true")
+    ins = sub.add_parser("inspect", help="counts and one rendered sample of a data.json")
+    ins.add_argument("--mm-data", required=True)
+    ins.add_argument("--index", type=int, default=0)
+    ins.add_argument("--seq-length", type=int, default=1024)
     a = p.parse_args(argv)
+    if a.tool == "inspect":
+        from omnitune.config.errors import ConfigError
+        from omnitune.data.tools.inspect import inspect_data
+        try:
+            print(inspect_data(a.mm_data, a.seq_length, a.index))
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            print(f"omnitune: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     convert = llava_to_mllm if a.tool == "llava-to-mllm" else rlhfv_to_dpo
     try:
         report = convert(a.input, a.image_dir, a.output, overwrite=a.overwrite)
@@ -138,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
               "  train       fine-tune (MindSpeed-MM flags; --nproc-per-node N starts torchrun)\n"
               "  export      training checkpoint -> Hugging Face folder\n"
               "  generate    greedy reply from an HF folder (--image, --prompt)\n"
-              "  data        dataset converters (llava-to-mllm, rlhfv-to-dpo)\n"
+              "  data        llava-to-mllm, rlhfv-to-dpo converters; inspect a data.json\n"
               "  demo        tiny model + bundled data: train, export, reload, generate\n"
               "  tiny-model  write a random-weight HF folder for tests", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
