@@ -9,13 +9,12 @@ them at start instead of silently ignoring them.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from omnitune.config.errors import ConfigError, format_validation_error
+from omnitune.config.errors import load_json_model
 
 TEMPLATES = ("qwen2vl", "qwen2_omni", "qwen3_vl", "qwen3_vl_nothink", "qwen3_omni", "qwen3_omni_nothink")
 
@@ -132,16 +131,7 @@ class DataConfig(_Strict):
 def load_data_config(path: str | Path) -> DataConfig:
     """Read and validate data.json; raises ConfigError naming the file and the bad key path."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--mm-data: file not found: {p}")
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: not valid JSON: {e}") from None
-    try:
-        cfg = DataConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(p))) from None
+    cfg = load_json_model(p, DataConfig, "--mm-data")
     cfg._source = str(p)
     return cfg
 

@@ -7,13 +7,12 @@ steer Megatron kernels (fused rope, params_dtype, ...) are accepted and have no 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
-from omnitune.config.errors import ConfigError, format_validation_error
+from omnitune.config.errors import ConfigError, load_json_model
 
 # Megatron/MindSpeed per-module keys that describe structure or kernels. Accepted; sizes among them
 # are checked against config.json by the model family (structure_sizes).
@@ -109,16 +108,7 @@ class ModelJson(BaseModel):
 
 def load_model_json(path: str | Path) -> ModelJson:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--mm-model: file not found: {p}")
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: not valid JSON: {e}") from None
-    try:
-        cfg = ModelJson.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(p))) from None
+    cfg = load_json_model(p, ModelJson, "--mm-model")
     for name, mod in cfg.modules().items():
         unknown = sorted(set(mod.structure()) - STRUCTURE_KEYS)
         if unknown:
