@@ -187,12 +187,7 @@ def hf_to_mm(hf: dict, sizes: Sizes, pp_size: int) -> dict:
         if m := llm_glu.fullmatch(key):
             glu.setdefault(m[1], {})[m[2]] = t
             continue
-        for p, r in renames:
-            if p.fullmatch(key):
-                out[p.sub(r, key)] = t
-                break
-        else:
-            raise ConvertError(f"HF weight {key!r} is not known to the Qwen2-VL keymap")
+        out[_rename(key, renames, "HF")] = t
     for (i, p), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise ConvertError(f"HF layer {i}: q/k/v_proj.{p} incomplete (have {sorted(parts)})")
@@ -226,12 +221,7 @@ def mm_to_hf(mm: dict, sizes: Sizes) -> dict:
             out[f"model.layers.{m[1]}.mlp.gate_proj.weight"] = gate.contiguous()
             out[f"model.layers.{m[1]}.mlp.up_proj.weight"] = up.contiguous()
             continue
-        for p, r in inv:
-            if p.fullmatch(key):
-                out[p.sub(r, key)] = t
-                break
-        else:
-            raise ConvertError(f"mm weight {key!r} is not known to the Qwen2-VL keymap")
+        out[_rename(key, inv, "mm")] = t
     return out
 
 
@@ -251,3 +241,11 @@ def _to_template(hf_regex: str) -> str:
         n += 1
         return f"\\{n}"
     return re.sub(r"\([^)]*\)", repl, hf_regex).replace("\\.", ".")
+
+
+def _rename(key: str, table, what: str) -> str:
+    """The first (regex, replacement) of ``table`` matching ``key``, applied."""
+    for p, r in table:
+        if p.fullmatch(key):
+            return p.sub(r, key)
+    raise ConvertError(f"{what} weight {key!r} is not known to the Qwen2-VL keymap")
