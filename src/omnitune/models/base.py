@@ -136,3 +136,44 @@ class ModelFamily:
         if aux is None:
             aux = hidden.new_zeros(())
         return hidden, aux
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-module layers for model.json settings (recompute, activation offload, attention, fused MoE).
+# Defaults derived from module_groups(), so a family gets them without code; override when a
+# family's layers are not transformers GradientCheckpointingLayer modules.
+
+def _module_roots(self, model: nn.Module) -> dict[str, list[nn.Module]]:
+    """model.json module path -> the top modules of its group (the group's paths)."""
+    return {g.name: [model.get_submodule(p) for p in g.paths] for g in self.module_groups()}
+
+
+def _module_layers(self, model: nn.Module) -> dict[str, list[nn.Module]]:
+    """model.json module path -> its repeated layers in forward order: the outermost transformers
+    ``GradientCheckpointingLayer`` modules under the group's paths (excluded paths left out). A
+    group without such layers (e.g. a projector) is one unit per path (paths that are plain
+    parameters holders without children, like lm_head, are skipped when layers exist)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    out: dict[str, list[nn.Module]] = {}
+    for g in self.module_groups():
+        excluded = {id(model.get_submodule(e)) for e in g.exclude}
+        layers: list[nn.Module] = []
+
+        def walk(m: nn.Module) -> None:
+            if id(m) in excluded:
+                return
+            if isinstance(m, GradientCheckpointingLayer):
+                layers.append(m)
+                return
+            for child in m.children():
+                walk(child)
+
+        for p in g.paths:
+            walk(model.get_submodule(p))
+        out[g.name] = layers or [model.get_submodule(p) for p in g.paths]
+    return out
+
+
+ModelFamily.module_roots = _module_roots
+ModelFamily.module_layers = _module_layers
