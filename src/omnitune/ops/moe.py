@@ -43,7 +43,10 @@ def grouped_mm_kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
             return False
     elif dev != "cpu":
         return False
-    return _aligned(x) and _aligned(w)
+    # backward runs the kernel on [S, N] gradients and transposed operands too: both matrix sizes
+    # must be 16-byte multiples, not only the forward strides
+    es = w.element_size()
+    return (w.shape[-1] * es) % 16 == 0 and (w.shape[-2] * es) % 16 == 0 and _aligned(x) and _aligned(w)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int],
