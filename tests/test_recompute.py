@@ -132,8 +132,11 @@ def test_activation_offload_on_off_same_and_moves_activations():
         got = run(tm, batch)
         assert_same(got, ref)
         # without recompute every activation the layers save goes to the host; with recompute the
-        # checkpoints save little (non-reentrant checkpoint keeps the layer inputs by reference)
-        assert tm.offload_stats["packed"] > (100 if not extra else 0), tm.offload_stats
+        # checkpoint inputs only: one hidden-states tensor per layer (2 vision blocks, merger, 2 decoder layers)
+        if extra:
+            assert tm.offload_stats["packed"] == 5, tm.offload_stats
+        else:
+            assert tm.offload_stats["packed"] > 100, tm.offload_stats
     # parameters are never copied
     w = torch.nn.Parameter(torch.randn(4, 4))
     stats = {"force": True}

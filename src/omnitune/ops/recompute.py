@@ -12,8 +12,10 @@ model.json semantics (Megatron's):
   layers per checkpoint; transformers calls its layers one by one, so here each layer is its own
   checkpoint: same numerics, the saved inputs are one per layer);
   "block": only the first ``recompute_num_layers`` layers are recomputed.
-- activation_offload: tensors the layers save for backward go to host memory (pinned when the
-  device is CUDA/NPU) and come back in backward; parameters are never copied (FSDP re-gathers them).
+- activation_offload: with recompute, the checkpoints' inputs (the hidden states entering each
+  recomputed layer) are kept in host memory and copied back for the recompute (MindSpeed's
+  semantics); layers that are not recomputed send every tensor they save for backward to host
+  memory (pinned when the device is CUDA/NPU). Parameters are never copied (FSDP re-gathers them).
 """
 from __future__ import annotations
 
@@ -33,8 +35,22 @@ def layers_to_recompute(layers: list[nn.Module], method: str | None, num_layers:
     raise ValueError(f"recompute_method {method!r}: one of uniform, block")
 
 
-def checkpoint_layer(layer: nn.Module) -> None:
-    """Recompute ``layer``'s forward in backward instead of keeping its activations."""
+def _to_host(t, stats: dict | None):
+    """Differentiable copy of an activation to host memory (no-op for host tensors unless forced)."""
+    if not (torch.is_tensor(t) and t.is_floating_point()):
+        return t
+    if t.device.type == "cpu" and not (stats or {}).get("force", False):
+        return t
+    if stats is not None:
+        stats["packed"] = stats.get("packed", 0) + 1
+        stats["bytes"] = stats.get("bytes", 0) + t.numel() * t.element_size()
+    return t.to("cpu", copy=True)
+
+
+def checkpoint_layer(layer: nn.Module, offload_inputs: bool = False, stats: dict | None = None) -> None:
+    """Recompute ``layer``'s forward in backward instead of keeping its activations. With
+    ``offload_inputs`` the checkpoint's saved inputs (the positional activations, e.g. the hidden
+    states entering the layer) are kept in host memory and copied back for the recompute."""
     if getattr(layer, "_omnitune_recompute", False):
         return
     inner = layer.forward
@@ -43,7 +59,17 @@ def checkpoint_layer(layer: nn.Module) -> None:
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(*args, **kwargs)
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        if not offload_inputs:
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        devices = [a.device if torch.is_tensor(a) else None for a in args]
+        host = [_to_host(a, stats) for a in args]
+
+        def run(*h):
+            back = [x.to(d) if d is not None and torch.is_tensor(x) and x.device != d else x
+                    for x, d in zip(h, devices)]
+            return inner(*back, **kwargs)
+
+        return checkpoint(run, *host, use_reentrant=False)
 
     layer.forward = forward
     layer._omnitune_recompute = True
@@ -108,12 +134,16 @@ def apply_recompute_and_offload(module_layers: dict[str, list[nn.Module]], setti
             from omnitune.config.errors import ConfigError
             raise ConfigError(f"model.json {name}: recompute / activation_offload set but this model has no "
                               f"layers for {name}")
-        chosen = layers_to_recompute(layers, mod.recompute_method, mod.recompute_num_layers) if recompute else []
+        chosen = layers_to_recompute(layers, mod.recompute_method,
+                                     mod.recompute_num_layers) if recompute else []
         for layer in chosen:
-            checkpoint_layer(layer)
+            # recomputed + offloaded: the checkpoint's inputs go to the host (MindSpeed's semantics)
+            checkpoint_layer(layer, offload_inputs=mod.activation_offload, stats=offload_stats)
         if mod.activation_offload:
-            # outermost: the checkpoint's own saved inputs (or, without recompute, every activation)
+            # layers that are not recomputed: every activation they save goes to the host
+            chosen_ids = {id(x) for x in chosen}
             for layer in layers:
-                offload_layer(layer, offload_stats)
+                if id(layer) not in chosen_ids:
+                    offload_layer(layer, offload_stats)
         report[name] = {"recompute": len(chosen), "offload": len(layers) if mod.activation_offload else 0}
     return report
