@@ -158,6 +158,12 @@ class Trainer:
         hf.to(dist_ctx.device)
         self.model = TrainModel(hf, plan.family, plan.model_cfg)
         self.loss_type = resolve_loss_type(a, plan.model_cfg, a.mm_model)
+        lc = plan.model_cfg.loss_cfg
+        self.log(f"loss       : {self.loss_type}, logits {lc.compute_mode}"
+                 + (f" (chunk {lc.chunk_size})" if lc.compute_mode != "default" else "")
+                 + (f", router aux x {lc.router_aux_loss_coef}" if lc.router_aux_loss_coef else ""))
+        for name, what in self.model.settings_report.items():
+            self.log(f"module     : {name}: " + ", ".join(f"{k} {v}" for k, v in what.items()))
         apply_fsdp(self.model, plan.family.fsdp_units(hf), dist_ctx.mesh, a.bf16)
         self.optimizer = build_optimizer(self.model, a.lr, a.weight_decay, (a.adam_beta1, a.adam_beta2),
                                          a.adam_eps, allow_empty=a.enable_dummy_optimizer)
