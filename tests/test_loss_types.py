@@ -108,7 +108,7 @@ def test_flags_select_loss_type_and_conflicts_fail(tmp_path):
     assert resolve_loss_type(parse_train_args(base + ["--calculate-per-sample-loss"])[0], cfg) == "per_sample_loss"
     cfg2 = ModelJson(model_id="qwen2vl", loss_cfg={"loss_type": "per_sample_loss"})
     assert resolve_loss_type(parse_train_args(base)[0], cfg2) == "per_sample_loss"
-    with pytest.raises(ConfigError, match="contradicts --calculate-token-loss"):
+    with pytest.raises(ConfigError, match="contradicts --calculate-per-token-loss"):
         resolve_loss_type(parse_train_args(base + ["--calculate-per-token-loss"])[0], cfg2)
     with pytest.raises(ConfigError, match="exclude each other"):
         parse_train_args(base + ["--calculate-per-token-loss", "--calculate-per-sample-loss"])

@@ -188,5 +188,5 @@ def resolve_loss_type(args: TrainArgs, model_cfg, source: str = "model.json") ->
     cfg = model_cfg.loss_cfg.loss_type
     if flag and cfg != "default" and cfg != flag:
         raise ConfigError(f"{source}: loss_cfg.loss_type {cfg!r} contradicts --calculate-"
-                          f"{flag.split('_')[1]}-loss; keep one of them")
+                          f"{flag[:-len('_loss')].replace('_', '-')}-loss; keep one of them")
     return flag or cfg
