@@ -167,3 +167,74 @@ def test_video_at_the_end_past_cutoff_is_dropped_and_counted(tmp_path, processor
     ds = build(tmp_path, samples, processor, seq=120)
     assert (len(ds), ds.num_dropped_media, ds.num_truncated) == (1, 1, 0)
     assert not ds.media[0].videos
+
+
+def test_collator_mixes_image_video_audio_and_text_only_items(tmp_path, processor):
+    from omnitune.data import Collator
+
+    a, v = jpeg(tmp_path / "a.jpg"), mp4(tmp_path / "v.mp4", 20, 10)
+    samples = [{"messages": _turns("<video>x", "y"), "videos": [v]},
+               {"messages": _turns("a text-only question that is longer", "and its answer")},
+               {"messages": _turns("<image>z", "w"), "images": [a]},
+               {"messages": _turns("<image><video>both", "ok"), "images": [a], "videos": [v]}]
+    ds = build(tmp_path, samples, processor)
+    items = [ds[i] for i in range(4)]
+    # audio items as the Omni datasets produce them: features trimmed to their valid frames
+    items[1] = {**items[1], "input_features": torch.randn(2, 128, 7), "feature_attention_mask": torch.ones(2, 7)}
+    items[2] = {**items[2], "input_features": torch.randn(1, 128, 11), "feature_attention_mask": torch.ones(1, 11)}
+    pad = processor.tokenizer.pad_token_id
+    batch = Collator(pad)(items)
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "mm_token_type_ids", "num_tokens", "pixel_values",
+                          "image_grid_thw", "pixel_values_videos", "video_grid_thw", "input_features",
+                          "feature_attention_mask"}
+    n = max(len(it["input_ids"]) for it in items)
+    assert batch["input_ids"].shape == batch["mm_token_type_ids"].shape == (4, n)
+    assert torch.equal(batch["pixel_values_videos"],
+                       torch.cat([items[0]["pixel_values_videos"], items[3]["pixel_values_videos"]]))
+    assert torch.equal(batch["video_grid_thw"], torch.cat([items[0]["video_grid_thw"], items[3]["video_grid_thw"]]))
+    assert torch.equal(batch["pixel_values"], torch.cat([items[2]["pixel_values"], items[3]["pixel_values"]]))
+    assert batch["input_features"].shape == (3, 128, 11)
+    assert torch.equal(batch["input_features"][:2, :, :7], items[1]["input_features"])
+    assert (batch["input_features"][:2, :, 7:] == 0).all()
+    assert batch["feature_attention_mask"].tolist() == [[1] * 7 + [0] * 4] * 2 + [[1] * 11]
+    assert int((batch["mm_token_type_ids"] == 2).sum()) == int(batch["video_grid_thw"].prod(-1).sum()) // 4
+    text_only = Collator(pad)([items[1] | {}, ds[1]])
+    assert "pixel_values_videos" not in text_only and "pixel_values" not in text_only
+
+
+def test_preference_pairs_share_the_prompt_and_media(tmp_path, processor):
+    from omnitune.data import Collator
+
+    a = jpeg(tmp_path / "a.jpg")
+    attr = {"images": "images", "messages": "conversations", "role_tag": "from", "content_tag": "value",
+            "user_tag": "human", "assistant_tag": "gpt", "ranking": True, "chosen": "chosen", "rejected": "rejected"}
+    prompt = [{"from": "human", "value": "<image>What is it?"}]
+    pairs = [{"conversations": prompt, "images": [a], "chosen": {"from": "gpt", "value": "Noise."},
+              "rejected": {"from": "gpt", "value": "A cat, clearly."}},
+             {"conversations": [{"from": "human", "value": "Hi"}], "chosen": "Hello!", "rejected": "Go away."}]
+    ds = build(tmp_path, pairs, processor, attr=attr)
+    sft_attr = {k: v for k, v in attr.items() if k not in ("ranking", "chosen", "rejected")}
+    for k, side, answer in [(0, "chosen", "Noise."), (0, "rejected", "A cat, clearly."), (1, "rejected", "Go away.")]:
+        conv = pairs[k]["conversations"] + [{"from": "gpt", "value": answer}]
+        sft_sample = {"conversations": conv, "images": pairs[k].get("images", [])}
+        sft = build_train_dataset(load_data_config(write_config(tmp_path, [sft_sample], attr=sft_attr, pre=PIX,
+                                                                name="sft.json")), processor, 4096)[0]
+        assert torch.equal(ds[k][f"{side}_input_ids"], sft["input_ids"])
+        assert torch.equal(ds[k][f"{side}_labels"], sft["labels"])
+        assert trained_texts(processor.tokenizer, ds[k][f"{side}_input_ids"], ds[k][f"{side}_labels"]) == \
+            [answer + "<|im_end|>\n"]
+    c, r = ds[0]["chosen_input_ids"], ds[0]["rejected_input_ids"]
+    shared = int((c[:min(len(c), len(r))] == r[:min(len(c), len(r))]).cumprod(0).sum())
+    assert processor.tokenizer.decode(c[shared:]) == "Noise.<|im_end|>\n"
+    batch = Collator(processor.tokenizer.pad_token_id)([ds[0], ds[1]])
+    assert batch["input_ids"].shape[0] == 4
+    assert torch.equal(batch["input_ids"][2, :len(r)], r)
+    assert torch.equal(batch["pixel_values"], torch.cat([ds[0]["pixel_values"]] * 2))  # one copy per row with it
+    bad = dict(pairs[1], rejected={"from": "human", "value": "x"})
+    with pytest.raises(DataError, match=r"d\.json: sample 1: 'rejected' has role 'human'; expected 'gpt'"):
+        build(tmp_path, [pairs[0], bad], processor, attr=attr)
+    with pytest.raises(DataError, match=r"d\.json: sample 0: the chosen answer 'chosen' is missing"):
+        build(tmp_path, [{"conversations": prompt, "images": [a], "rejected": "x"}], processor, attr=attr)
+    with pytest.raises(DataError, match=r"sample 0: a preference .* must end with a user turn"):
+        build(tmp_path, [{"conversations": prompt + [{"from": "gpt", "value": "x"}], "images": [a],
+                          "chosen": "a", "rejected": "b"}], processor, attr=attr)
