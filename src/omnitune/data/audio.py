@@ -62,15 +62,15 @@ def _read_video_track(path: str, where: str) -> tuple[np.ndarray, int]:
                 raise DataError(f"{where}: video {p} has no audio track but use_audio_in_video is true; "
                                 f"set preprocess_parameters.use_audio_in_video false or give the video sound")
             stream = container.streams.audio[0]
-            chunks = [f.to_ndarray() for f in container.decode(stream)]
             rate = stream.rate
+            planar = av.AudioResampler(format="fltp", layout=stream.layout, rate=rate)  # [channels, n] arrays
+            chunks = [f.to_ndarray() for frame in container.decode(stream) for f in planar.resample(frame)]
+            chunks += [f.to_ndarray() for f in planar.resample(None)]
     except av.error.FFmpegError as e:
         raise DataError(f"{where}: the audio track of video {p} cannot be decoded ({e}); replace or remove it") from None
     if not chunks:
         return np.zeros(0, np.float32), rate
-    planar = [c if c.ndim == 2 and c.shape[0] == stream.codec_context.channels else c.reshape(-1, 1).T
-              for c in chunks]
-    return np.concatenate(planar, axis=1).astype(np.float32).mean(axis=0), rate
+    return np.concatenate(chunks, axis=1).astype(np.float32).mean(axis=0), rate
 
 
 def load_audio(path: str, where: str, rate: int, from_video: bool = False) -> np.ndarray:
@@ -123,7 +123,9 @@ def audio_features(waves: list[np.ndarray], feature_extractor, pad_to_max: bool)
         out = feature_extractor([w], sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True,
                                 return_tensors="pt", **kw)
         n = feature_frames(len(w), feature_extractor, pad_to_max)
-        assert int(out["attention_mask"].sum()) == n, (int(out["attention_mask"].sum()), n)
+        if int(out["attention_mask"].sum()) != n:  # the build-time token count relied on n
+            raise RuntimeError(f"feature extractor gave {int(out['attention_mask'].sum())} frames for {len(w)} "
+                               f"samples, expected {n}")
         feats.append(out["input_features"][0, :, :n])
     longest = max(f.shape[1] for f in feats)
     x = torch.zeros(len(feats), feats[0].shape[0], longest, dtype=torch.float32)
