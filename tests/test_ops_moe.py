@@ -227,3 +227,49 @@ def test_router_aux_on_dense_model_is_a_config_error():
     hf = fam.model_class()(fam.tiny_config())
     with pytest.raises(ConfigError, match="router_aux_loss_coef: .*no MoE routers"):
         TrainModel(hf, fam, ModelJson(model_id="qwen2vl", loss_cfg={"router_aux_loss_coef": 0.01}))
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl_moe", "qwen3_omni_moe"])
+def test_registered_families_fused_moe_and_router_aux_equal_hf(name):
+    """The real family specs (their forward_hidden, module groups): fused experts + router aux loss
+    through TrainModel equal transformers' forward(labels, output_router_logits=True) with eager experts."""
+    from omnitune.config.model import ModelJson
+    from omnitune.models.registry import get_family
+    from omnitune.train.model import TrainModel
+
+    coef = 0.05
+    fam = get_family(name)
+    cfg = fam.tiny_config()
+    fam.text_config(cfg).router_aux_loss_coef = coef
+    torch.manual_seed(0)
+    ref = fam.model_class()(cfg).float()
+    ref.config.use_cache = False
+    with torch.no_grad():
+        for m in ref.modules():
+            if type(m).__name__.endswith("TopKRouter"):
+                m.weight.normal_(0, 0.5)
+    ours_hf = copy.deepcopy(ref)
+    moe.set_experts_implementation(moe.experts_modules(ref), fused=False)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(100, 5000, (2, 12), generator=g)
+    att = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    out = ref(input_ids=ids, attention_mask=att, labels=labels, output_router_logits=True)
+    out.loss.backward()
+    tm = TrainModel(ours_hf, fam, ModelJson(model_id=fam.model_ids[0], text_decoder={"use_npu_fused_moe": True},
+                                            loss_cfg={"router_aux_loss_coef": coef}))
+    loss_sum, n, aux = tm({"input_ids": ids, "attention_mask": att, "labels": labels})
+    loss = loss_sum / n + aux
+    loss.backward()
+    assert abs(aux.item() - coef * out.aux_loss.item()) < 1e-6
+    assert abs(loss.item() - out.loss.item()) < 1e-5, (loss.item(), out.loss.item())
+    ref_params = dict(ref.named_parameters())
+    checked = 0
+    for pname, p in tm.hf.named_parameters():
+        r = ref_params[pname].grad
+        if p.grad is None or r is None:
+            continue
+        torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-5, msg=lambda m: f"{pname}: {m}")
+        checked += 1
+    assert checked > 10

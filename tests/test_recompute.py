@@ -200,3 +200,49 @@ def _worker() -> None:
 
 if __name__ == "__main__":
     _worker()
+
+
+FAMILY_NAMES = ["qwen2_vl", "qwen2_5_vl", "qwen2_5_omni", "qwen3_vl", "qwen3_vl_moe", "qwen3_omni_moe"]
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_every_family_recompute_offload_attention_same_loss_and_grads(name):
+    """Each family's module_layers (the default from its module groups) and the settings of every
+    model.json module: recompute + offload + eager attention give the plain loss and grads (1e-6)."""
+    from omnitune.ops.attention import submodels
+
+    fam = get_family(name)
+    torch.manual_seed(0)
+    hf = fam.model_class()(fam.tiny_config()).float()
+    hf.config.use_cache = False
+    layers = fam.module_layers(hf)
+    groups = [g.name for g in fam.module_groups()]
+    assert set(layers) == set(groups) and all(layers[g] for g in groups)
+    assert not any(isinstance(l, (torch.nn.ModuleList, torch.nn.ModuleDict)) for ls in layers.values() for l in ls)
+    roots = fam.module_roots(hf)
+    settings = {}
+    for g in groups:
+        s = {**FULL, "activation_offload": True}
+        if submodels(roots[g]):
+            s["attn_implementation"] = "eager"
+        settings[g] = s
+    g_ = torch.Generator().manual_seed(3)
+    ids = torch.randint(100, 5000, (2, 14), generator=g_)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    base = {"model_id": fam.model_ids[0]}
+    ref = run(TrainModel(copy.deepcopy(hf), fam, ModelJson.model_validate({**base, "text_decoder": {"attn_implementation": "eager"}})), batch)
+    cfg = {**base}
+    for g, s in settings.items():
+        top, _, sub = g.partition(".")
+        if sub:
+            cfg.setdefault(top, {})[sub] = s
+        else:
+            cfg[top] = s
+    tm = TrainModel(copy.deepcopy(hf), fam, ModelJson.model_validate(cfg))
+    tm.offload_stats["force"] = True
+    got = run(tm, batch)
+    assert_same(got, ref)
+    assert all(tm.settings_report[g]["recompute"] == len(layers[g]) for g in groups)
+    assert tm.offload_stats["packed"] >= len(layers["text_decoder"])

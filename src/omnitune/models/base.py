@@ -196,8 +196,8 @@ def _module_roots(self, model: nn.Module) -> dict[str, list[nn.Module]]:
 def _module_layers(self, model: nn.Module) -> dict[str, list[nn.Module]]:
     """model.json module path -> its repeated layers in forward order: the outermost transformers
     ``GradientCheckpointingLayer`` modules under the group's paths (excluded paths left out). A
-    group without such layers (e.g. a projector) is one unit per path (paths that are plain
-    parameters holders without children, like lm_head, are skipped when layers exist)."""
+    group without such layers (e.g. a projector) has its path modules as units (a ModuleList path,
+    such as Qwen3-VL's deepstack mergers, contributes its members)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     out: dict[str, list[nn.Module]] = {}
@@ -216,7 +216,11 @@ def _module_layers(self, model: nn.Module) -> dict[str, list[nn.Module]]:
 
         for p in g.paths:
             walk(model.get_submodule(p))
-        out[g.name] = layers or [model.get_submodule(p) for p in g.paths]
+        if not layers:  # e.g. a projector: its modules (the members of a ModuleList) are the units
+            for p in g.paths:
+                m = model.get_submodule(p)
+                layers.extend(m.children() if isinstance(m, (nn.ModuleList, nn.ModuleDict)) else [m])
+        out[g.name] = layers
     return out
 
 
