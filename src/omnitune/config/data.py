@@ -1,9 +1,9 @@
 """data.json (SPEC section 4): pydantic models, loaded and validated before anything starts.
 
 Every key of MindSpeed-MM's data.json is accepted; unknown keys anywhere are errors naming the key
-path and the file. A few accepted keys have no effect here because there is no preprocessing cache
-or worker pool to steer (cache_dir, overwrite_cache, preprocessing_batch_size,
-preprocessing_num_workers, use_fast_tokenizer, dataloader_mode, sampler_type). Settings this
+path and the file. cache_dir / overwrite_cache steer the preprocessing cache and
+preprocessing_num_workers the build's worker processes (omnitune.data.cache); a few accepted keys
+have no effect here (use_fast_tokenizer, dataloader_mode, sampler_type). Settings this
 version does not implement yet are listed by :func:`unsupported_features`, so the trainer refuses
 them at start instead of silently ignoring them.
 """

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from omnitune.config.data import DataConfig
-from omnitune.data.formats import DataError, load_samples
+from omnitune.data.formats import DataError
 from omnitune.data.media import image_grid, load_images
 from omnitune.data.templates import IGNORE_INDEX, encode, get_template, place_image_tags, render
 
@@ -37,73 +37,82 @@ class SFTDataset(Dataset):
     the build counts ``num_truncated``, ``num_dropped_media``, ``num_dropped_untrained``.
     """
 
-    def __init__(self, cfg: DataConfig, processor, seq_length: int):
+    def __init__(self, cfg: DataConfig, processor, seq_length: int, *, build: bool = True):
+        self.cfg = cfg
         pp, bp = cfg.dataset_param.preprocess_parameters, cfg.dataset_param.basic_parameters
         self.template = get_template(bp.template)
         self.image_processor = processor.image_processor
         self.min_pixels, self.max_pixels = max(pp.image_min_pixels, 1), pp.image_max_pixels  # see media.py
-        tok = processor.tokenizer
+        tok = self.tokenizer = processor.tokenizer
         img = self.template.image
         self.image_token_id = tok.convert_tokens_to_ids(img.pad)
         self._media_token_ids = np.array([tok.convert_tokens_to_ids(t) for t in (img.start, img.pad, img.end)])
         self.max_length = min(seq_length, bp.cutoff_len or seq_length)
         self.num_truncated = self.num_dropped_media = self.num_dropped_untrained = 0
+        if not build:  # an encoder only (streaming: omnitune.data.streaming)
+            return
 
-        samples = load_samples(cfg)
-        merge2 = self.image_processor.merge_size ** 2
-        ids_parts, label_parts = [], []
-        self.media: list[tuple[str, tuple[str, ...], tuple[tuple[int, int, int], ...]]] = []
-        for start in range(0, len(samples), bp.preprocessing_batch_size):
-            rendered, metas = [], []
-            for s in samples[start:start + bp.preprocessing_batch_size]:
-                where = f"{s['source']}: sample {s['index']}"
-                if not s["images"] and cfg.dataset_param.attr.images is None and \
-                        any(img.placeholder in m["content"] for m in s["messages"]):
-                    raise DataError(f"{where}: has {img.placeholder} tags but data.json attr.images is not set")
-                messages = place_image_tags(self.template, s["messages"], len(s["images"]), where)
-                grids = tuple(image_grid(p, where, self.image_processor, self.min_pixels, self.max_pixels)
-                              for p in s["images"])
-                counts = [t * h * w // merge2 for t, h, w in grids]
-                rendered.append(render(self.template, messages, counts, bp.train_on_prompt, bp.mask_history))
-                metas.append((where, tuple(s["images"]), grids))
-            for (ids, labels), meta in zip(encode(tok, rendered), metas):
-                ids, labels = self._fit(ids.astype(np.int32), labels.astype(np.int32))
-                if ids is not None:
-                    ids_parts.append(ids)
-                    label_parts.append(labels)
-                    self.media.append(meta)
+        # Build (or reuse the cache_dir entry): see omnitune.data.cache.
+        from omnitune.data.cache import build_or_load
+        state = build_or_load(self, cfg, processor)
+        self.input_ids, self.labels, self.offsets = state.input_ids, state.labels, state.offsets
+        self.media = state.media
+        self.num_truncated, self.num_dropped_media, self.num_dropped_untrained = state.counts
         if not self.media:
-            raise DataError(f"{cfg.source}: no usable sample out of {len(samples)}: "
+            raise DataError(f"{cfg.source}: no usable sample out of {state.num_samples}: "
                             f"{self.num_dropped_media} would have media cut at the length limit "
                             f"{self.max_length}, {self.num_dropped_untrained} have no trained token")
-        self.input_ids = np.concatenate(ids_parts)
-        self.labels = np.concatenate(label_parts)
-        self.offsets = np.cumsum([0] + [len(x) for x in ids_parts])
+
+    def encode_samples(self, samples: list[dict]) -> list:
+        """Encode normalized samples (one tokenizer call). Per sample: (ids int32, labels int32,
+        truncated, media meta) or the drop reason "media" / "untrained". Pure: no state changes,
+        so it can run in worker processes (omnitune.data.cache)."""
+        cfg, tok, bp = self.cfg, self.tokenizer, self.cfg.dataset_param.basic_parameters
+        img = self.template.image
+        merge2 = self.image_processor.merge_size ** 2
+        rendered, metas = [], []
+        for s in samples:
+            where = f"{s['source']}: sample {s['index']}"
+            if not s["images"] and cfg.dataset_param.attr.images is None and \
+                    any(img.placeholder in m["content"] for m in s["messages"]):
+                raise DataError(f"{where}: has {img.placeholder} tags but data.json attr.images is not set")
+            messages = place_image_tags(self.template, s["messages"], len(s["images"]), where)
+            grids = tuple(image_grid(p, where, self.image_processor, self.min_pixels, self.max_pixels)
+                          for p in s["images"])
+            counts = [t * h * w // merge2 for t, h, w in grids]
+            rendered.append(render(self.template, messages, counts, bp.train_on_prompt, bp.mask_history))
+            metas.append((where, tuple(s["images"]), grids))
+        out = []
+        for (ids, labels), meta in zip(encode(tok, rendered), metas):
+            res = self._fit(ids.astype(np.int32), labels.astype(np.int32))
+            out.append(res if isinstance(res, str) else (*res, meta))
+        return out
 
     def _fit(self, ids: np.ndarray, labels: np.ndarray):
-        """Apply the length limit; (None, None) when the sample must be dropped."""
+        """Apply the length limit: (ids, labels, truncated), or the drop reason "media" / "untrained"."""
         cut = len(ids) > self.max_length
         if cut and np.isin(ids[self.max_length:], self._media_token_ids).any():
-            self.num_dropped_media += 1
-            return None, None
+            return "media"
         ids, labels = ids[:self.max_length], labels[:self.max_length]
         if (labels[1:] == IGNORE_INDEX).all():  # position 0 is never a prediction target
-            self.num_dropped_untrained += 1
-            return None, None
-        self.num_truncated += cut
-        return ids, labels
+            return "untrained"
+        return ids, labels, cut
 
     def __len__(self) -> int:
         return len(self.media)
 
     def __getitem__(self, i: int) -> dict:
         lo, hi = self.offsets[i], self.offsets[i + 1]
-        ids = torch.from_numpy(self.input_ids[lo:hi].astype(np.int64))
+        return self.make_item(self.input_ids[lo:hi], self.labels[lo:hi], self.media[i])
+
+    def make_item(self, input_ids: np.ndarray, labels: np.ndarray, meta) -> dict:
+        """The training item of one encoded sample: tensors of its ids/labels + its decoded media."""
+        ids = torch.from_numpy(input_ids.astype(np.int64))
         item = {"input_ids": ids,
-                "labels": torch.from_numpy(self.labels[lo:hi].astype(np.int64)),
+                "labels": torch.from_numpy(labels.astype(np.int64)),
                 "attention_mask": torch.ones_like(ids),
                 "mm_token_type_ids": (ids == self.image_token_id).to(torch.int32)}
-        where, paths, grids = self.media[i]
+        where, paths, grids = meta
         if paths:
             pixel_values, grid_thw = load_images(list(paths), where, self.image_processor,
                                                  self.min_pixels, self.max_pixels)
