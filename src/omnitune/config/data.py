@@ -145,9 +145,11 @@ def unsupported_features(cfg: DataConfig) -> list[str]:
     out = []
     if b.template != "qwen2vl":
         out.append(f"basic_parameters.template {b.template!r}: only 'qwen2vl' is implemented in this version")
-    for key in ("streaming", "packing"):
-        if getattr(b, key):
-            out.append(f"basic_parameters.{key}: true is not implemented in this version; remove it or set false")
+    if b.packing:
+        out.append("basic_parameters.packing: true is not implemented in this version; remove it or set false")
+    if b.streaming and b.val_rate is not None:
+        out.append("basic_parameters.val_rate cannot split a streamed dataset (it has no known size); with "
+                   "streaming: true give a val_dataset instead")
     if b.val_dataset is not None and b.val_rate is not None:
         out.append("basic_parameters.val_dataset and val_rate are both set; use one of them")
     if b.tool_format is not None:
