@@ -82,36 +82,35 @@ def _weight_files(folder: Path) -> list[tuple[Path, list[str]]]:
 
 def write_full_folder(trainable, prefix: str, original: Path, out: Path) -> None:
     """Weights of a full Omni folder in ``out``: ``trainable`` (the thinker, saved by its own
-    save_pretrained, whose keys carry ``prefix``) + every tensor of ``original`` outside ``prefix``,
+    save_pretrained, its keys put under ``prefix``) + every tensor of ``original`` outside ``prefix``,
     copied bit for bit; the original config.json. Shard per source file, with an index."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     staging = out / ".trainable"
     trainable.save_pretrained(staging)
-    sources: list[tuple[Path, list[str], bool]] = []
+    # (file, {name in that file: name in the full folder}); the thinker saved on its own names its
+    # tensors without the prefix (or with it, when loaded from a full folder): add it where missing
+    sources: list[tuple[Path, dict[str, str]]] = []
     for f, keys in _weight_files(staging):
-        bad = [k for k in keys if not k.startswith(prefix)]
-        if bad:
-            raise RuntimeError(f"saving the {prefix.rstrip('.')} wrote keys outside {prefix!r}: {bad[:3]}")
-        sources.append((f, keys, True))
-    trained = {k for _, keys, _ in sources for k in keys}
+        sources.append((f, {k: k if k.startswith(prefix) else prefix + k for k in keys}))
+    trained = {v for _, names in sources for v in names.values()}
     original_keys = set()
     for f, keys in _weight_files(original):
         original_keys |= {k for k in keys if k.startswith(prefix)}
         rest = [k for k in keys if not k.startswith(prefix)]
         if rest:
-            sources.append((f, rest, False))
+            sources.append((f, {k: k for k in rest}))
     if trained != original_keys:
         diff = sorted(trained ^ original_keys)
         raise RuntimeError(f"the trained {prefix.rstrip('.')} and {original} disagree on {len(diff)} tensor names, "
                            f"e.g. {diff[:3]}: is --model-assets the folder training started from?")
     weight_map, total = {}, 0
     n = len(sources)
-    for i, (f, keys, _) in enumerate(sources, start=1):
+    for i, (f, names) in enumerate(sources, start=1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
         with safe_open(str(f), "pt") as s:
-            tensors = {k: s.get_tensor(k) for k in keys}
+            tensors = {new: s.get_tensor(old) for old, new in names.items()}
             meta = s.metadata() or {}
         save_file(tensors, str(out / name), metadata={"format": meta.get("format", "pt")})
         for k, t in tensors.items():

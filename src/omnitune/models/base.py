@@ -115,6 +115,11 @@ class ModelFamily:
     def vision_tower(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def unused_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters the HF forward never uses (they would never get a gradient, hence no optimizer
+        state, which breaks optimizer-state save/load): frozen at load, kept as they are on export."""
+        return []
+
     def audio_tower(self, model: nn.Module) -> nn.Module | None:
         """The audio encoder (Omni), None for families without audio."""
         return None

@@ -34,6 +34,8 @@ def load_hf_model(family: ModelFamily, hf_dir: str | None, config=None, init_wei
     else:  # Omni: a full folder's config -> the thinker's
         model = family.model_class()._from_config(family.trainable_config(config), dtype=torch.float32)
     model.config.use_cache = False
+    for p in family.unused_parameters(model):   # never gets a grad: keep it out of the optimizer
+        p.requires_grad_(False)
     return model
 
 

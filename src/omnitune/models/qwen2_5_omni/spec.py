@@ -163,6 +163,10 @@ class Qwen2_5OmniFamily(ModelFamily):
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return model.model.visual
 
+    def unused_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        # audio_tower.audio_bos_eos_token: an nn.Embedding(2, d) no forward of transformers 5.23 reads
+        return [model.model.audio_tower.audio_bos_eos_token.weight]
+
     def audio_tower(self, model: nn.Module) -> nn.Module:
         return model.model.audio_tower
 
