@@ -43,6 +43,23 @@ def group_of(key: str) -> str:
     return m[1] if m else key
 
 
+def release_memory_eagerly() -> None:
+    """Make freed tensor buffers go back to the OS at once (glibc): a fixed mmap threshold of 1 MiB.
+
+    glibc raises its mmap threshold up to 32 MiB after a large block is freed; layer-sized tensors
+    then come from the heap, which fragments as sizes vary, and the process' RSS creeps up by
+    gigabytes over a large conversion. With a fixed threshold every tensor buffer is its own mapping.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
@@ -236,6 +253,7 @@ class MmSink:
 def run_to_mm(source, sink: MmSink, out_dir: Path, desc: str, extra=None) -> None:
     """Plan (meta), then stream every group from source to sink inside a temp folder renamed at the end.
     ``extra(group_sd)``: optional in-place fix-up of a group (e.g. the tied output_layer copy)."""
+    release_memory_eagerly()
     planned = source.plan()
     if extra is not None:
         planned = [(g, extra(sd)) for g, sd in planned]
@@ -277,6 +295,7 @@ def iter_hf_groups(source: MmSource, km: ModuleType, sizes) -> Iterator[dict]:
 def mm_to_hf(source: MmSource, km: ModuleType, sizes, hf_dir: Path, save_dir: Path, field_mm: str) -> None:
     """Stream an mm folder into HF safetensors laid out like hf_dir (same files, same keys), plus every
     non-weight file of hf_dir and its weights the mm checkpoint does not hold (e.g. Omni's talker)."""
+    release_memory_eagerly()
     src = SafetensorsIndex(hf_dir)
     try:
         _, new_style = km.normalize_hf_keys(dict.fromkeys(k for k in src.keys() if is_mm_hf_key(km, k)))
