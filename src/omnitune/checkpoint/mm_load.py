@@ -37,10 +37,11 @@ def keymap_for(family) -> ModuleType:
     """The keymap module next to the family's spec (``omnitune.models.<family>.keymap``)."""
     pkg = type(family).__module__.rsplit(".", 1)[0]
     try:
-        return importlib.import_module(pkg + ".keymap")
+        module = importlib.import_module(pkg + ".keymap")
     except ModuleNotFoundError as e:
         raise ConfigError(f"--load of an mm checkpoint: model family {family.name!r} has no keymap "
                          f"({pkg}.keymap); load an HF folder instead") from e
+    return getattr(module, "KEYMAP", module)
 
 
 def _to_model_key(km: ModuleType):
@@ -65,7 +66,6 @@ def _load(mm_dir, family, model: nn.Module) -> L.ParallelConfig:
     model_meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in params.items()}
     to_hf = getattr(km, "model_keys_to_hf", None)
     hf_meta = to_hf(model_meta) if to_hf else km.normalize_hf_keys(model_meta)[0]
-    hf_meta = {k: v for k, v in hf_meta.items() if E.is_mm_hf_key(km, k)}
     full_meta = km.hf_to_mm(hf_meta, sizes, 1)
     par = E.detect_layout(mm_dir, mods, km, sizes, full_meta)
     try:

@@ -299,7 +299,12 @@ def mm_to_hf(source: MmSource, km: ModuleType, sizes, hf_dir: Path, save_dir: Pa
     src = SafetensorsIndex(hf_dir)
     try:
         _, new_style = km.normalize_hf_keys(dict.fromkeys(k for k in src.keys() if is_mm_hf_key(km, k)))
-        name = km.denormalize_hf_key if new_style else (lambda k: k)
+        to_folder = getattr(km, "to_folder_key", None)
+        if to_folder is not None:
+            def name(k, _f=to_folder, _n=new_style):
+                return _f(k, _n)
+        else:
+            name = km.denormalize_hf_key if new_style else (lambda k: k)
         groups, every = _hf_plan(source, km, sizes)
         produced = {name(k): t for k, t in every.items()}
         wanted = {k for k in src.keys() if is_mm_hf_key(km, k)}
