@@ -91,15 +91,21 @@ class DcpSource:
     """HF-named tensors of a DCP checkpoint: ``model.model.<name>`` (MindSpeed-MM) or ``model.<name>``
     (omnitune training saves; only the model part is read)."""
 
-    def __init__(self, dcp_dir: Path, field_name: str):
+    def __init__(self, dcp_dir: Path, field_name: str, inner_prefix: str = DCP_PREFIX):
         self.dir = resolve_dcp_dir(dcp_dir, field_name)
         self.idx = DcpIndex(self.dir)
         keys = [k for k in self.idx.tensor_keys() if k.startswith("model.")]
         if not keys:
             raise L.ConvertError(f"{field_name}={dcp_dir}: no 'model' entries in {self.dir}")
-        double = all(k.startswith("model." + DCP_PREFIX) for k in keys)
-        self.strip = "model." + DCP_PREFIX if double else "model."
+        double = bool(inner_prefix) and all(k.startswith("model." + inner_prefix) for k in keys)
+        self.strip = "model." + inner_prefix if double else "model."
         self.names = {k[len(self.strip):]: k for k in keys}
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for n in self.names:
+            out.setdefault(group_of(n), []).append(n)
+        return out
 
     def meta(self, name: str) -> torch.Tensor:
         return self.idx.meta(self.names[name])
