@@ -91,14 +91,19 @@ class DcpSource:
     """HF-named tensors of a DCP checkpoint: ``model.model.<name>`` (MindSpeed-MM) or ``model.<name>``
     (omnitune training saves; only the model part is read)."""
 
-    def __init__(self, dcp_dir: Path, field_name: str, inner_prefix: str = DCP_PREFIX):
+    def __init__(self, dcp_dir: Path, field_name: str, inner_prefix: str = DCP_PREFIX,
+                 expected: Optional[set] = None):
+        """expected: the HF names the checkpoint should hold; decides between the two prefixes
+        (MindSpeed-MM's ``model.`` + inner_prefix and omnitune's ``model.``), which can look alike."""
         self.dir = resolve_dcp_dir(dcp_dir, field_name)
         self.idx = DcpIndex(self.dir)
         keys = [k for k in self.idx.tensor_keys() if k.startswith("model.")]
         if not keys:
             raise L.ConvertError(f"{field_name}={dcp_dir}: no 'model' entries in {self.dir}")
-        double = bool(inner_prefix) and all(k.startswith("model." + inner_prefix) for k in keys)
-        self.strip = "model." + inner_prefix if double else "model."
+        cands = [p for p in ("model." + inner_prefix, "model.") if all(k.startswith(p) for k in keys)]
+        if expected is not None:
+            cands.sort(key=lambda p: -sum(k[len(p):] in expected for k in keys))
+        self.strip = cands[0]
         self.names = {k[len(self.strip):]: k for k in keys}
 
     def groups(self) -> dict[str, list[str]]:

@@ -75,8 +75,8 @@ class Qwen3VLConverter:
         """
         cfg = _config(model_assets_dir, "model_assets_dir", QVL.MODEL_TYPES, "Qwen3VLConverter")
         L.check_output_dir(save_dir, overwrite, "save_dir")
-        src = D.DcpSource(load_dir, "load_dir")
         assets = SafetensorsIndex(model_assets_dir)
+        src = D.DcpSource(load_dir, "load_dir", expected=set(assets.keys()))
         experts = QVL.num_experts(cfg)
 
         def conv(sd: dict) -> dict:
@@ -144,7 +144,14 @@ class ExpertMergeDcpConverter:
         """
         _config(hf_dir, "hf_dir", OMNI.MODEL_TYPES, "ExpertMergeDcpConverter")
         L.check_output_dir(save_dir, overwrite, "save_dir")
-        src = D.DcpSource(dcp_dir, "dcp_dir", inner_prefix=dcp_prefix)
+        cfg = L.read_hf_config(hf_dir)
+        _, experts = OMNI.expert_config(cfg)
+        idx = SafetensorsIndex(hf_dir)
+        expected = set()
+        for keys in D.hf_groups(idx).values():
+            expected |= set(OMNI.merge({k: idx.meta(k) for k in keys}, experts))
+        idx.close()
+        src = D.DcpSource(dcp_dir, "dcp_dir", inner_prefix=dcp_prefix, expected=expected)
         rename = _unprefixed("", hf_prefix) if not hf_prefix else (lambda k: hf_prefix + k)
         groups = {g: names for g, names in src.groups().items()}
         _split_to_hf(lambda names: {rename(n): src.read(n) for n in names},

@@ -79,10 +79,12 @@ def hf_sizes(km: ModuleType, hf_dir: Path):
     return km.Sizes.from_config(L.read_hf_config(hf_dir))
 
 
-def tied_copy(km: ModuleType, parallel: L.ParallelConfig):
-    """PP > 1 needs output_layer on the last stage: a tied checkpoint (no output_layer) gets a copy."""
+def tied_copy(km: ModuleType, parallel: L.ParallelConfig, all_keys):
+    """PP > 1 needs output_layer on the last stage: a tied checkpoint (no output_layer at all) gets a copy."""
+    tied = km.OUTPUT_LAYER not in all_keys
+
     def fix(sd: dict) -> dict:
-        if parallel.pp_size * parallel.vpp_size > 1 and km.WORD_EMBEDDINGS in sd and km.OUTPUT_LAYER not in sd:
+        if tied and parallel.pp_size * parallel.vpp_size > 1 and km.WORD_EMBEDDINGS in sd:
             sd = dict(sd)
             sd[km.OUTPUT_LAYER] = sd[km.WORD_EMBEDDINGS]
         return sd
@@ -135,7 +137,7 @@ def resplit(km: ModuleType, cfg: ResplitConfig) -> None:
     L.check_output_dir(cfg.target_dir, cfg.overwrite, "target_dir")
     source = E.MmSource(cfg.source_dir, src, mods, km, "source_dir")
     try:
-        E.run_to_mm(source, E.MmSink(dst, mods, km), cfg.target_dir, "resplit", extra=tied_copy(km, dst))
+        E.run_to_mm(source, E.MmSink(dst, mods, km), cfg.target_dir, "resplit", extra=tied_copy(km, dst, source.metas[0]))
     except L.ConvertError as e:
         raise L.ConvertError(f"target_parallel_config: {e}") from e
 
