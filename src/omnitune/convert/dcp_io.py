@@ -44,7 +44,12 @@ class DcpWriter:
         offset = self.f.tell()
         if isinstance(value, torch.Tensor):
             t = value.detach().contiguous()
-            torch.save(t, self.f)
+            crc = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(False)  # as PtWriter: torch.load does not check them
+            try:
+                torch.save(t, self.f)
+            finally:
+                torch.serialization.set_crc32_options(crc)
             zeros = torch.Size([0] * t.dim())
             self.sd_meta[fqn] = TensorStorageMetadata(properties=TensorProperties.create_from_tensor(t),
                                                       size=t.size(),

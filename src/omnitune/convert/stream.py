@@ -244,7 +244,9 @@ class PtWriter:
     then given with ``write(path, tensor)`` (path = tuple of keys), in any order.
     """
 
-    def __init__(self, path: Path, structure: Any):
+    def __init__(self, path: Path, structure: Any, crc32: bool = False):
+        """crc32: store zip CRC-32s of the records (torch.save's default). torch.load does not check
+        them; leaving them out halves the writing time of large checkpoints."""
         self.path = Path(path)
         self.slots: dict[tuple, tuple[str, torch.dtype, tuple]] = {}
         counter = [0]
@@ -267,7 +269,7 @@ class PtWriter:
         buf = io.BytesIO()
         Pickler(buf, protocol=2).dump(refs)
         data = buf.getvalue()
-        self.w = torch._C.PyTorchFileWriter(str(self.path), True, 64)
+        self.w = torch._C.PyTorchFileWriter(str(self.path), crc32, 64)
         self.w.write_record("data.pkl", data, len(data))
         self.w.write_record(".format_version", "1", 1)
         self.w.write_record(".storage_alignment", "64", 2)
