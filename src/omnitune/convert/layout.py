@@ -6,8 +6,8 @@
   stages (lists flattened chunk-major, stage = vpp_idx * pp_size + pp_rank, indices restart at 0).
 - TP split/merge helpers (column = dim 0, row = dim 1, GLU = [gate shard; up shard]) and the
   qkv interleave helpers used by family keymaps.
-- The Megatron "mm" folder: ``<dir>/latest_checkpointed_iteration.txt`` and
-  ``<dir>/release/mp_rank_XX[_PPP]/model_optim_rng.pt``, written into a temp folder then renamed.
+- The Megatron "mm" folder names: ``<dir>/latest_checkpointed_iteration.txt`` and
+  ``<dir>/release/mp_rank_XX[_PPP]/model_optim_rng.pt`` (read and written, streamed, by ``engine``).
 
 What a weight is called, whether it fuses and how it splits is family knowledge: it lives in
 ``omnitune.models.<family>.keymap``, never here.
