@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from omnitune.checkpoint import dcp as ckpt_io
+from omnitune.checkpoint.mm_load import is_mm_checkpoint, load_mm_weights
 from omnitune.config.errors import ConfigError
 from omnitune.config.model import check_against_hf_config, load_model_json, unsupported_settings
 from omnitune.config.train import TrainArgs, parse_train_args, resolve_loss_type
@@ -37,7 +38,7 @@ class Plan:
     family: object
     hf_dir: str               # architecture + processor source (original HF folder)
     hf_config: object
-    load_kind: str            # "hf" | "resume" | "none"
+    load_kind: str            # "hf" | "mm" | "resume" | "none"
     load_path: str | None
     ignored_flags: list[str] = field(default_factory=list)
 
@@ -84,7 +85,9 @@ def make_plan(argv: list[str]) -> tuple[Plan, bool]:
         lp = Path(args.load)
         if not lp.exists():
             raise ConfigError(f"--load {args.load}: no such folder")
-        if ckpt_io.is_training_checkpoint_root(lp):
+        if is_mm_checkpoint(lp):  # MindSpeed-MM layout (mm-convert hf_to_mm): weights only
+            load_kind = "mm"
+        elif ckpt_io.is_training_checkpoint_root(lp):
             load_kind = "resume"
             meta = ckpt_io.read_trainer_state(ckpt_io.resolve_checkpoint(lp))  # fails early if `latest` points nowhere
             if not args.no_load_optim and not meta.get("has_optim", False):
@@ -178,6 +181,8 @@ class Trainer:
         # model
         init = plan.load_kind == "hf"
         hf = load_hf_model(plan.family, plan.load_path if init else None, plan.hf_config, init_weights=init)
+        if plan.load_kind == "mm":
+            load_mm_weights(plan.load_path, plan.family, hf)
         frozen = {n for n, m in plan.model_cfg.modules().items() if m.freeze}
         self.trainable = apply_freeze(hf, plan.family, frozen)
         hf.to(dist_ctx.device)
