@@ -56,8 +56,8 @@ def hf_reference(processor, template, messages, d, images, videos, audios, use_a
     from transformers.video_utils import VideoMetadata
 
     text = processor.apply_chat_template(hf_messages(messages), tokenize=False)
-    kw = {"return_tensors": "pt",
-          "images_kwargs": {"size": {"shortest_edge": PRE["image_min_pixels"], "longest_edge": PRE["image_max_pixels"]}}}
+    size = {"shortest_edge": PRE["image_min_pixels"], "longest_edge": PRE["image_max_pixels"]}
+    kw = {"return_tensors": "pt", "images_kwargs": {"size": size}}
     if images:
         kw["images"] = [Image.open(d / f).convert("RGB") for f in images]
     if videos:

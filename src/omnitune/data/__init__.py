@@ -6,7 +6,8 @@ from omnitune.data.dataset import MediaMeta, SampleEncoder, SFTDataset, build_da
 from omnitune.data.formats import DataError
 from omnitune.data.sampler import MicroBatchSampler
 
-__all__ = ["Collator", "DataError", "MediaMeta", "MicroBatchSampler", "SampleEncoder", "SFTDataset", "build_datasets", "build_train_dataset", "demo_data_dir"]
+__all__ = ["Collator", "DataError", "MediaMeta", "MicroBatchSampler", "SampleEncoder", "SFTDataset", "build_datasets",
+           "build_train_dataset", "demo_data_dir"]
 
 
 def demo_data_dir() -> Path:

@@ -67,7 +67,8 @@ def _read_video_track(path: str, where: str) -> tuple[np.ndarray, int]:
             chunks = [f.to_ndarray() for frame in container.decode(stream) for f in planar.resample(frame)]
             chunks += [f.to_ndarray() for f in planar.resample(None)]
     except av.error.FFmpegError as e:
-        raise DataError(f"{where}: the audio track of video {p} cannot be decoded ({e}); replace or remove it") from None
+        raise DataError(f"{where}: the audio track of video {p} cannot be decoded ({e}); "
+                        f"replace or remove it") from None
     if not chunks:
         return np.zeros(0, np.float32), rate
     return np.concatenate(chunks, axis=1).astype(np.float32).mean(axis=0), rate
