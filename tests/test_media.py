@@ -291,3 +291,20 @@ def test_audio_at_the_end_past_cutoff_is_dropped_and_counted(tmp_path, omni_proc
     assert (len(ds), ds.num_dropped_media) == (1, 1)
     item = ds[0]
     assert item["input_features"].shape[0] == 1 and int((item["mm_token_type_ids"] == 3).sum()) == 50
+
+
+def test_decode_tolerates_a_header_a_frame_high_but_not_a_truncated_stream(tmp_path):
+    import dataclasses
+
+    from omnitune.data.video import decode_frames, probe_video
+
+    v = tmp_path / mp4(tmp_path / "v.mp4", 30, 10)
+    info = probe_video(str(v), "d.json: sample 3", 2.0, 128)
+    frames = decode_frames(info, "w")
+    assert frames.shape == (len(info.indices), 64, 96, 3)
+    high = dataclasses.replace(info, total_frames=31, indices=info.indices[:-1] + (30,))
+    assert np.array_equal(decode_frames(high, "w")[-1], frames[-1])  # frame 30 does not exist: the last one
+    cut = dataclasses.replace(info, total_frames=40, indices=info.indices[:-1] + (39,))
+    with pytest.raises(DataError, match=r"d\.json: sample 3: video .*v\.mp4 decodes to 30 frames but its header "
+                                        r"promises 40 \(truncated file\?\)"):
+        decode_frames(cut, "d.json: sample 3")
