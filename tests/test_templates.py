@@ -155,6 +155,9 @@ def test_text_multi_turn_with_and_without_system(tmp_path, processors, media, te
     for system in (None, "You answer in one word."):
         msgs = _turns("Hi there.", "Hello!", "\nHow are you?\n", "\nFine, thanks.\n", system=system)
         check(tmp_path, processors, media, template, msgs, hf_answers=_answers(template, "Hello!", "\nFine, thanks.\n"))
+    cfg = write_config(tmp_path, [{"messages": msgs}], template=template, pre=PRE, basic={"train_on_prompt": True})
+    item = build_train_dataset(load_data_config(cfg), processors(template), 8192)[0]
+    assert torch.equal(item["labels"], item["input_ids"])  # train_on_prompt: every token
 
 
 @pytest.mark.parametrize("template", ALL)
@@ -209,3 +212,40 @@ def test_thinking_on_off(tmp_path, processors, media, template):
     item, _ = check(tmp_path, processors, media, template, msgs, images=["img"], enable_thinking=False,
                     basic={"mask_history": True}, hf_answers=[THINK + "Noise.", THINK + "Yes."],
                     trained=["Yes.<|im_end|>\n"])
+
+
+@pytest.mark.parametrize("template", ["qwen2_omni", "qwen3_omni_nothink"])
+def test_collated_mixed_batch_through_the_hf_thinker_equals_its_items(tmp_path, processors, media, tiny_model_dir,
+                                                                      template):
+    """A batch of an audio-in-video + audio item, an image item and an audio-only item: the HF
+    thinker's loss on the collated batch equals the token-weighted mean of its losses on each item
+    alone, so the collator hands every item its own media (features padded, order kept)."""
+    import transformers
+    from transformers import AutoConfig
+
+    from omnitune.data import Collator
+
+    d, files = media
+    processor = processors(template)
+    cfg = AutoConfig.from_pretrained(tiny_model_dir(FAMILY[template]))
+    cls = {"qwen2_omni": "Qwen2_5OmniThinkerForConditionalGeneration",
+           "qwen3_omni_nothink": "Qwen3OmniMoeThinkerForConditionalGeneration"}[template]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)._from_config(cfg.thinker_config, dtype=torch.float32).eval()
+    samples = [{"messages": _turns("<video>Hear <audio>?", "Tones."), "videos": [str(d / files["va"])],
+                "audios": [str(d / files["a1"])]},
+               {"messages": _turns("<image>What?", "Noise."), "images": [str(d / files["img"])]},
+               {"messages": _turns("<audio>only", "A longer answer here."), "audios": [str(d / files["a2"])]}]
+    ds = build_train_dataset(load_data_config(write_config(tmp_path, samples, template=template,
+                                                           pre={**PRE, "use_audio_in_video": True})), processor, 4096)
+    items = [ds[i] for i in range(3)]
+    collate = Collator(processor.tokenizer.pad_token_id)
+
+    def loss(batch):
+        kw = {k: v for k, v in batch.items() if k not in ("num_tokens", "mm_token_type_ids")}
+        with torch.no_grad():
+            return model(**kw, use_audio_in_video=True).loss.item()
+
+    counts = [int((it["labels"][1:] != -100).sum()) for it in items]
+    expected = sum(loss(collate([it])) * n for it, n in zip(items, counts)) / sum(counts)
+    assert abs(loss(collate(items)) - expected) <= 1e-5 * expected
