@@ -249,3 +249,15 @@ def test_collated_mixed_batch_through_the_hf_thinker_equals_its_items(tmp_path, 
     counts = [int((it["labels"][1:] != -100).sum()) for it in items]
     expected = sum(loss(collate([it])) * n for it, n in zip(items, counts)) / sum(counts)
     assert abs(loss(collate(items)) - expected) <= 1e-5 * expected
+
+
+def test_a_template_that_does_not_fit_the_processor_is_refused(tmp_path, processors):
+    from omnitune.data import DataError
+
+    cfg = write_config(tmp_path, [{"messages": _turns("q", "a")}], template="qwen2_omni", pre=PRE)
+    with pytest.raises(DataError, match=r"data\.json: basic_parameters\.template 'qwen2_omni' does not fit the "
+                                        r"model's processor \(<\|vision_bos\|> is not a token of its tokenizer"):
+        build_train_dataset(load_data_config(cfg), processors("qwen3_vl"), 4096)
+    cfg = write_config(tmp_path, [{"messages": _turns("q", "a")}], template="qwen3_omni", pre=PRE)
+    with pytest.raises(DataError, match=r"its image token is <\|IMAGE\|>, the template's <\|image_pad\|>"):
+        build_train_dataset(load_data_config(cfg), processors("qwen2_omni"), 4096)

@@ -89,6 +89,15 @@ class SampleEncoder:
         self.seconds_per_chunk = getattr(processor, "seconds_per_chunk", 2.0)
         names = set(getattr(processor, "model_input_names", ()))
         self.video_time_key = next((k for k in ("second_per_grid_ts", "video_second_per_grid") if k in names), None)
+        unknown = [x for x in t.reserved_tokens if tok.convert_tokens_to_ids(x) in (None, tok.unk_token_id)]
+        mismatched = [(kind, getattr(processor, f"{kind}_token"), t.media(kind).pad) for kind in KINDS
+                      if t.media(kind) is not None and getattr(processor, f"{kind}_token", None) not in
+                      (None, t.media(kind).pad)]
+        if unknown or mismatched:
+            found = ", ".join([f"{x} is not a token of its tokenizer" for x in unknown] +
+                              [f"its {k} token is {a}, the template's {b}" for k, a, b in mismatched])
+            raise DataError(f"{cfg.source}: basic_parameters.template {bp.template!r} does not fit the model's "
+                            f"processor ({found}); use the template of that model family")
         types = {}
         for code, kind in enumerate(KINDS, start=1):
             if t.media(kind) is not None:
