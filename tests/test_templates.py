@@ -214,37 +214,49 @@ def test_thinking_on_off(tmp_path, processors, media, template):
                     trained=["Yes.<|im_end|>\n"])
 
 
-@pytest.mark.parametrize("template", ["qwen2_omni", "qwen3_omni_nothink"])
-def test_collated_mixed_batch_through_the_hf_thinker_equals_its_items(tmp_path, processors, media, tiny_model_dir,
-                                                                      template):
-    """A batch of an audio-in-video + audio item, an image item and an audio-only item: the HF
-    thinker's loss on the collated batch equals the token-weighted mean of its losses on each item
-    alone, so the collator hands every item its own media (features padded, order kept)."""
+HF_MODELS = {"qwen2vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+             "qwen2_omni": "Qwen2_5OmniThinkerForConditionalGeneration",
+             "qwen3_omni_nothink": "Qwen3OmniMoeThinkerForConditionalGeneration"}
+
+
+@pytest.mark.parametrize("template", sorted(HF_MODELS))
+def test_collated_mixed_batch_through_the_hf_model_equals_its_items(tmp_path, processors, media, tiny_model_dir,
+                                                                    template):
+    """A mixed batch (video [+ its sound + an audio], image, text-only or audio-only): the HF model's
+    loss on the collated batch equals the token-weighted mean of its losses on each item alone, so
+    the collator hands every item its own media (order kept, audio features padded and masked)."""
     import transformers
     from transformers import AutoConfig
 
     from omnitune.data import Collator
 
     d, files = media
+    omni = TEMPLATES[template].audio is not None
     processor = processors(template)
     cfg = AutoConfig.from_pretrained(tiny_model_dir(FAMILY[template]))
-    cls = {"qwen2_omni": "Qwen2_5OmniThinkerForConditionalGeneration",
-           "qwen3_omni_nothink": "Qwen3OmniMoeThinkerForConditionalGeneration"}[template]
     torch.manual_seed(0)
-    model = getattr(transformers, cls)._from_config(cfg.thinker_config, dtype=torch.float32).eval()
-    samples = [{"messages": _turns("<video>Hear <audio>?", "Tones."), "videos": [str(d / files["va"])],
-                "audios": [str(d / files["a1"])]},
-               {"messages": _turns("<image>What?", "Noise."), "images": [str(d / files["img"])]},
-               {"messages": _turns("<audio>only", "A longer answer here."), "audios": [str(d / files["a2"])]}]
-    ds = build_train_dataset(load_data_config(write_config(tmp_path, samples, template=template,
-                                                           pre={**PRE, "use_audio_in_video": True})), processor, 4096)
+    model = getattr(transformers, HF_MODELS[template])._from_config(cfg.thinker_config if omni else cfg,
+                                                                    dtype=torch.float32).eval()
+    f = {k: str(d / v) for k, v in files.items()}
+    if omni:
+        samples = [{"messages": _turns("<video>Hear <audio>?", "Tones."), "videos": [f["va"]], "audios": [f["a1"]]},
+                   {"messages": _turns("<image>What?", "Noise."), "images": [f["img"]]},
+                   {"messages": _turns("<audio>only", "A longer answer here."), "audios": [f["a2"]]}]
+    else:
+        samples = [{"messages": _turns("<video>What moves?", "Bars."), "videos": [f["v2_5s"]]},
+                   {"messages": _turns("<image>What?", "Noise."), "images": [f["img"]]},
+                   {"messages": _turns("Text only, please.", "A longer answer here.")}]
+    pre = {**PRE, "use_audio_in_video": omni}
+    ds = build_train_dataset(load_data_config(write_config(tmp_path, samples, template=template, pre=pre)),
+                             processor, 4096)
     items = [ds[i] for i in range(3)]
     collate = Collator(processor.tokenizer.pad_token_id)
 
     def loss(batch):
-        kw = {k: v for k, v in batch.items() if k not in ("num_tokens", "mm_token_type_ids")}
+        drop = ("num_tokens", "mm_token_type_ids") if omni else ("num_tokens",)
+        kw = {k: v for k, v in batch.items() if k not in drop}
         with torch.no_grad():
-            return model(**kw, use_audio_in_video=True).loss.item()
+            return model(**kw, **({"use_audio_in_video": True} if omni else {})).loss.item()
 
     counts = [int((it["labels"][1:] != -100).sum()) for it in items]
     expected = sum(loss(collate([it])) * n for it, n in zip(items, counts)) / sum(counts)
