@@ -1,9 +1,9 @@
 """data.json (SPEC section 4): pydantic models, loaded and validated before anything starts.
 
 Every key of MindSpeed-MM's data.json is accepted; unknown keys anywhere are errors naming the key
-path and the file. A few accepted keys have no effect here because there is no preprocessing cache
-or worker pool to steer (cache_dir, overwrite_cache, preprocessing_batch_size,
-preprocessing_num_workers, use_fast_tokenizer, dataloader_mode, sampler_type). Settings this
+path and the file. cache_dir / overwrite_cache steer the preprocessing cache and
+preprocessing_num_workers the build's worker processes (omnitune.data.cache); a few accepted keys
+have no effect here (use_fast_tokenizer, dataloader_mode, sampler_type). Settings this
 version does not implement yet are listed by :func:`unsupported_features`, so the trainer refuses
 them at start instead of silently ignoring them.
 """
@@ -148,9 +148,11 @@ def unsupported_features(cfg: DataConfig) -> list[str]:
     if b.template not in IMPLEMENTED:
         out.append(f"basic_parameters.template {b.template!r}: not implemented in this version; "
                    f"known: {sorted(IMPLEMENTED)}")
-    for key in ("streaming", "packing"):
-        if getattr(b, key):
-            out.append(f"basic_parameters.{key}: true is not implemented in this version; remove it or set false")
+    if b.packing:
+        out.append("basic_parameters.packing: true is not implemented in this version; remove it or set false")
+    if b.streaming and b.val_rate is not None:
+        out.append("basic_parameters.val_rate cannot split a streamed dataset (it has no known size); with "
+                   "streaming: true give a val_dataset instead")
     if b.val_dataset is not None and b.val_rate is not None:
         out.append("basic_parameters.val_dataset and val_rate are both set; use one of them")
     if b.tool_format is not None:

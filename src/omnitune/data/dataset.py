@@ -16,6 +16,7 @@ media cannot train). Samples left with no trained token are dropped too. Both ar
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset, Subset
 
 from omnitune.config.data import DataConfig
 from omnitune.data.audio import audio_features, audio_length, feature_frames, load_audio
-from omnitune.data.formats import DataError, load_samples
+from omnitune.data.formats import DataError
 from omnitune.data.media import image_grid, load_images
 from omnitune.data.templates import (IGNORE_INDEX, KINDS, audio_token_count, encode, expand_audio, expand_image,
                                      expand_video, get_template, place_media_tags, render)
@@ -53,6 +54,18 @@ class MediaMeta(NamedTuple):
     @property
     def has_media(self) -> bool:
         return bool(self.images or self.videos or self.audios)
+
+    def to_json(self) -> dict:
+        d = self._asdict()
+        d["videos"] = [dataclasses.asdict(v) for v in self.videos]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MediaMeta":
+        def tup(x):
+            return tuple(tup(v) for v in x) if isinstance(x, list) else x
+        videos = tuple(VideoInfo(**{k: tup(v) for k, v in info.items()}) for info in d["videos"])
+        return cls(**{k: (videos if k == "videos" else tup(v)) for k, v in d.items()})
 
 
 class SampleEncoder:
@@ -266,70 +279,82 @@ class SFTDataset(Dataset):
     build counts ``num_truncated``, ``num_dropped_media``, ``num_dropped_untrained``.
     """
 
-    def __init__(self, cfg: DataConfig, processor, seq_length: int):
+    def __init__(self, cfg: DataConfig, processor, seq_length: int, *, build: bool = True):
         bp = cfg.dataset_param.basic_parameters
+        self.cfg = cfg
         self.encoder = enc = SampleEncoder(cfg, processor)
         self.template = enc.template
         self.paired = enc.ranking
         self._media_token_ids = enc.media_token_ids
         self.max_length = min(seq_length, bp.cutoff_len or seq_length)
         self.num_truncated = self.num_dropped_media = self.num_dropped_untrained = 0
+        if not build:  # an encoder only (streaming: omnitune.data.streaming)
+            return
 
-        samples = load_samples(cfg)
-        ids_parts, label_parts = [], []
-        self.media: list[MediaMeta] = []
-        for start in range(0, len(samples), bp.preprocessing_batch_size):
-            for enc_sample in enc.encode(samples[start:start + bp.preprocessing_batch_size]):
-                seqs, meta = enc_sample[:-1], enc_sample[-1]
-                if not self.paired:
-                    seqs = (seqs,)
-                fitted = [self._fit(ids.astype(np.int32), labels.astype(np.int32)) for ids, labels in seqs]
-                if any(ids is None for ids, _ in fitted):
-                    continue
-                for ids, labels in fitted:
-                    ids_parts.append(ids)
-                    label_parts.append(labels)
-                self.media.append(meta)
+        # Build (or reuse the cache_dir entry): see omnitune.data.cache.
+        from omnitune.data.cache import build_or_load
+        state = build_or_load(self, cfg, processor)
+        self.input_ids, self.labels, self.offsets = state.input_ids, state.labels, state.offsets
+        self.media: list[MediaMeta] = state.media
+        self.num_truncated, self.num_dropped_media, self.num_dropped_untrained = state.counts
         if not self.media:
-            raise DataError(f"{cfg.source}: no usable sample out of {len(samples)}: "
+            raise DataError(f"{cfg.source}: no usable sample out of {state.num_samples}: "
                             f"{self.num_dropped_media} would have media cut at the length limit "
                             f"{self.max_length}, {self.num_dropped_untrained} have no trained token")
-        self.input_ids = np.concatenate(ids_parts)
-        self.labels = np.concatenate(label_parts)
-        self.offsets = np.cumsum([0] + [len(x) for x in ids_parts])
+
+    def encode_samples(self, samples: list[dict]) -> list:
+        """Encode normalized samples (one tokenizer call). Per sample: (sequences, truncated, meta)
+        with sequences = [(ids int32, labels int32)] (preference pairs: chosen, rejected), or the drop
+        reason "media" / "untrained". Pure: no state changes, so it can run in worker processes
+        (omnitune.data.cache)."""
+        out = []
+        for enc_sample in self.encoder.encode(samples):
+            seqs, meta = enc_sample[:-1], enc_sample[-1]
+            if not self.paired:
+                seqs = (seqs,)
+            fitted = [self._fit(ids.astype(np.int32), labels.astype(np.int32)) for ids, labels in seqs]
+            reason = next((f for f in fitted if isinstance(f, str)), None)
+            if reason is not None:
+                out.append(reason)
+            else:
+                out.append(([(ids, labels) for ids, labels, _ in fitted], any(cut for *_, cut in fitted), meta))
+        return out
 
     def _fit(self, ids: np.ndarray, labels: np.ndarray):
-        """Apply the length limit; (None, None) when the sample must be dropped."""
+        """Apply the length limit: (ids, labels, truncated), or the drop reason "media" / "untrained"."""
         cut = len(ids) > self.max_length
         if cut and np.isin(ids[self.max_length:], self._media_token_ids).any():
-            self.num_dropped_media += 1
-            return None, None
+            return "media"
         ids, labels = ids[:self.max_length], labels[:self.max_length]
         if (labels[1:] == IGNORE_INDEX).all():  # position 0 is never a prediction target
-            self.num_dropped_untrained += 1
-            return None, None
-        self.num_truncated += cut
-        return ids, labels
+            return "untrained"
+        return ids, labels, cut
 
     def __len__(self) -> int:
         return len(self.media)
 
-    def _sequence(self, k: int) -> dict:
-        lo, hi = self.offsets[k], self.offsets[k + 1]
-        ids = torch.from_numpy(self.input_ids[lo:hi].astype(np.int64))
+    def _sequence(self, ids: np.ndarray, labels: np.ndarray) -> dict:
+        ids = torch.from_numpy(np.asarray(ids).astype(np.int64))
         return {"input_ids": ids,
-                "labels": torch.from_numpy(self.labels[lo:hi].astype(np.int64)),
+                "labels": torch.from_numpy(np.asarray(labels).astype(np.int64)),
                 "attention_mask": torch.ones_like(ids),
                 "mm_token_type_ids": self.encoder.token_types(ids)}
 
-    def __getitem__(self, i: int) -> dict:
+    def make_item(self, seqs: list, meta: MediaMeta) -> dict:
+        """The training item of one encoded sample: tensors of its sequence(s) + its decoded media."""
         if self.paired:
-            item = {f"{side}_{k}": v for j, side in enumerate(("chosen", "rejected"))
-                    for k, v in self._sequence(2 * i + j).items()}
+            item = {f"{side}_{k}": v for (ids, labels), side in zip(seqs, ("chosen", "rejected"))
+                    for k, v in self._sequence(ids, labels).items()}
         else:
-            item = self._sequence(i)
-        item.update(self.encoder.media(self.media[i]))
+            item = self._sequence(*seqs[0])
+        item.update(self.encoder.media(meta))
         return item
+
+    def __getitem__(self, i: int) -> dict:
+        n = 2 if self.paired else 1
+        seqs = [(self.input_ids[self.offsets[k]:self.offsets[k + 1]], self.labels[self.offsets[k]:self.offsets[k + 1]])
+                for k in range(n * i, n * i + n)]
+        return self.make_item(seqs, self.media[i])
 
 
 def build_train_dataset(data_cfg: DataConfig, processor, seq_length: int) -> SFTDataset:
