@@ -202,7 +202,7 @@ def test_two_processes_get_disjoint_shards_covering_the_data(tmp_path, tiny_qwen
     script.write_text(_SHARDS)
     out = tmp_path / "out.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                         str(script), str(data_json), str(tiny_qwen2vl), str(out)],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -244,10 +244,6 @@ def test_streaming_training_resumes_exactly_on_two_ranks(tiny_qwen2vl, tmp_path)
     assert sorted(ref) == list(range(1, 7))
     for it in range(1, 7):
         assert abs(got[it] - ref[it]) <= 1e-6 * abs(ref[it]), (it, got[it], ref[it])
-    # a resume with other workers is refused with a message, not silently reordered
-    r = omnitune(["train", "--nproc-per-node", "2", *train_flags(*cfg0, iters=9, save=tmp_path / "x", load=stopped)],
-                 check=False)
-    assert r.returncode != 0 and "resume with the same number of ranks" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.slow
