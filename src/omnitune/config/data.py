@@ -143,8 +143,11 @@ def unsupported_features(cfg: DataConfig) -> list[str]:
     """
     pp, b, a = cfg.dataset_param.preprocess_parameters, cfg.dataset_param.basic_parameters, cfg.dataset_param.attr
     out = []
-    if b.template != "qwen2vl":
-        out.append(f"basic_parameters.template {b.template!r}: only 'qwen2vl' is implemented in this version")
+    from omnitune.data.templates import TEMPLATES as IMPLEMENTED
+
+    if b.template not in IMPLEMENTED:
+        out.append(f"basic_parameters.template {b.template!r}: not implemented in this version; "
+                   f"known: {sorted(IMPLEMENTED)}")
     if b.packing:
         out.append("basic_parameters.packing: true is not implemented in this version; remove it or set false")
     if b.streaming and b.val_rate is not None:
@@ -156,14 +159,7 @@ def unsupported_features(cfg: DataConfig) -> list[str]:
         out.append("basic_parameters.tool_format: tool calls are not implemented in this version; set null")
     if pp.split_special_tokens:
         out.append("preprocess_parameters.split_special_tokens: true is not implemented in this version")
-    for key in ("videos", "audios"):
-        if getattr(a, key) is not None:
-            out.append(f"attr.{key}: {key} are not implemented in this version (images and text only); set null")
-    if pp.use_audio_in_video:
-        out.append("preprocess_parameters.use_audio_in_video: not implemented in this version; set false")
-    for key in ("chosen", "rejected"):
-        if getattr(a, key) is not None:
-            out.append(f"attr.{key}: preference (DPO) data is not implemented in this version; set null")
     if a.ranking:
-        out.append("attr.ranking: preference (DPO) data is not implemented in this version; set false")
+        out.append("attr.ranking: the data side reads preference (DPO) pairs, but the trainer has no DPO loss in "
+                   "this version; set false")
     return out

@@ -27,6 +27,10 @@ STRUCTURE_KEYS = {
     "parallel_output", "group_query_attention", "num_query_groups", "mrope_section", "rope_scaling",
     "add_qkv_bias", "window_size", "fullatt_block_indexes", "out_hidden_size", "num_experts",
     "moe_intermediate_size", "num_experts_per_tok", "head_dim", "qk_layernorm",
+    # further keys of the seeds' model.json files (Qwen2.5-VL/Omni, Qwen3-VL, Qwen3-Omni)
+    "seq_length", "intermediate_size", "tokens_per_second", "window_attn_size", "d_model", "num_mel_bins",
+    "max_source_positions", "n_window", "scale_embedding", "output_dim", "attn_layout",
+    "synchronize_per_layer", "is_causal",
 }
 
 
@@ -54,11 +58,18 @@ class ImageEncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vision_encoder: ModuleConfig | None = None
     vision_projector: ModuleConfig | None = None
+    # hetero parallel sizes of the whole encoder (seed Qwen2.5-Omni model_7b.json)
+    tp: int | None = None
+    pp: int | None = None
+    cp: int | None = None
 
 
 class AudioEncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     audio_encoder: ModuleConfig | None = None
+    tp: int | None = None
+    pp: int | None = None
+    cp: int | None = None
 
 
 class LossConfig(BaseModel):
@@ -83,6 +94,8 @@ class ModelJson(BaseModel):
     text_encoder: None = None
     video_encoder: None = None
     loss_cfg: LossConfig = LossConfig()
+    #: MindSpeed-MM runtime patch switches (e.g. clip_grad_async, hetero_parallel_cp): accepted, no effect
+    patch: dict[str, Any] | None = None
 
     @field_validator("model_id")
     @classmethod
@@ -143,7 +156,8 @@ def check_against_hf_config(cfg: ModelJson, family, hf_config, source: str) -> N
 # Per-module settings a later version implements (recompute, offload, fused MoE, hetero parallel,
 # attention choice, loss variants). Refused at start with their key, never silently ignored.
 _NOT_YET = ("recompute_granularity", "recompute_method", "recompute_num_layers", "attn_implementation",
-            "activation_offload", "use_npu_fused_moe", "tp", "pp", "cp")
+            "activation_offload", "use_npu_fused_moe")
+_HETERO = ("tp", "pp", "cp")  # per-module parallel sizes: 1 is what we run; more is hetero parallel
 
 
 def unsupported_settings(cfg: ModelJson) -> list[str]:
@@ -152,6 +166,13 @@ def unsupported_settings(cfg: ModelJson) -> list[str]:
         for key in _NOT_YET:
             if getattr(mod, key) not in (None, False):
                 out.append(f"{name}.{key} is not implemented in this version; remove it")
+    encoders = {"image_encoder": cfg.image_encoder, "audio_encoder": cfg.audio_encoder}
+    holders = {**cfg.modules(), **{k: v for k, v in encoders.items() if v is not None}}
+    for name, mod in holders.items():
+        for key in _HETERO:
+            if (getattr(mod, key, None) or 1) > 1:
+                out.append(f"{name}.{key} = {getattr(mod, key)}: hetero parallel sizes > 1 are not "
+                           f"implemented in this version; set 1 or remove it")
     if cfg.loss_cfg != LossConfig():
         out.append("loss_cfg other than the default (token mean, full logits) is not implemented in this "
                    "version; remove loss_cfg")

@@ -66,6 +66,10 @@ class TrainArgs(BaseModel):
     distributed_timeout_minutes: int = 10
     enable_dummy_optimizer: bool = False
     use_torch_fsdp2: bool = True
+    #: MindSpeed-MM builds the model on the meta device before loading weights. Ours always does:
+    #: transformers' from_pretrained materialises parameters only from the checkpoint, so the flag is
+    #: accepted and changes nothing.
+    init_model_with_meta_device: bool = False
 
     @model_validator(mode="after")
     def _check(self):
@@ -104,6 +108,7 @@ IGNORED_FLAGS: dict[str, bool] = {
     "untie-embeddings-and-output-weights": False, "disable-bias-linear": False,
     "add-qkv-bias": False, "rotary-base": True, "attention-softmax-in-fp32": False,
     "no-rope-fusion": False, "use-flash-attention": False, "init-method-std": True,
+    "fsdp2-config-path": True, "optimizer-selection": True, "use-cpu-initialization": False,
 }
 
 # Flags a later version implements; refused now with their name.
@@ -112,7 +117,7 @@ NOT_YET: dict[str, bool] = {
     "load-base-model": True, "dpo-beta": True, "dpo-loss-type": True, "dpo-label-smoothing": True,
     "pref-ftx": True, "ref-model": True, "hetero-parallel": False,
     "calculate-per-sample-loss": False, "calculate-per-token-loss": False,
-    "init-model-with-meta-device": False, "fp16": False,
+    "fp16": False,
 }
 
 
@@ -148,7 +153,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArgs, list[str], bool]:
     notyet = sorted(k.split("__", 1)[1] for k in ns if k.startswith("notyet__"))
     if notyet:
         raise ConfigError(f"--{notyet[0]} is not implemented in this version of omnitune "
-                          f"(remove the flag; planned: LoRA, DPO, hetero parallel, loss types, meta-device init)")
+                          f"(remove the flag; planned: LoRA, DPO, hetero parallel, loss types)")
     values = {k: v for k, v in ns.items() if "__" not in k}
     for name in ("mm_data", "mm_model", "train_iters"):
         if name not in values:

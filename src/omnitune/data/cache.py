@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -60,7 +61,7 @@ _MEDIA_KEYS_SKIP = {"messages", "source", "index"}
 class BuiltData:
     input_ids: np.ndarray          # int32, all samples concatenated
     labels: np.ndarray             # int32
-    offsets: np.ndarray            # int64 [n + 1]
+    offsets: np.ndarray            # int64 [n sequences + 1] (2 sequences per preference pair)
     media: list                    # per-sample media metadata (SFTDataset.media)
     counts: tuple[int, int, int]   # (truncated, dropped for media cut, dropped untrained)
     num_samples: int               # samples read before the length limit
@@ -118,11 +119,12 @@ def _assemble(results: list, num_samples: int) -> BuiltData:
         elif r == "untrained":
             dropped_untrained += 1
         else:
-            ids, labels, cut, meta = r
-            ids_parts.append(ids)
-            label_parts.append(labels)
+            seqs, cut, meta = r
+            for ids, labels in seqs:  # 2 sequences for a preference pair
+                ids_parts.append(ids)
+                label_parts.append(labels)
             media.append(meta)
-            truncated += bool(cut)
+            truncated += int(cut)
     cat = (lambda parts: np.concatenate(parts).astype(np.int32)) if ids_parts else \
         (lambda parts: np.zeros(0, np.int32))
     return BuiltData(cat(ids_parts), cat(label_parts), np.cumsum([0] + [len(x) for x in ids_parts], dtype=np.int64),
@@ -213,22 +215,40 @@ def _manifest_ok(manifest: list[list]) -> bool:
     return True
 
 
-def _jsonable(x):
-    if isinstance(x, (np.integer,)):
+def _to_json(x):
+    """Media metadata -> JSON: named tuples and dataclasses of omnitune.data are tagged with their
+    class so :func:`_from_json` rebuilds exactly the objects the dataset built."""
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return {"__class__": f"{type(x).__module__}:{type(x).__qualname__}", "args": [_to_json(v) for v in x]}
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {"__class__": f"{type(x).__module__}:{type(x).__qualname__}",
+                "kwargs": {f.name: _to_json(getattr(x, f.name)) for f in dataclasses.fields(x)}}
+    if isinstance(x, (list, tuple)):
+        return [_to_json(v) for v in x]
+    if isinstance(x, dict):
+        return {"__dict__": [[_to_json(k), _to_json(v)] for k, v in x.items()]}
+    if isinstance(x, np.integer):
         return int(x)
-    if isinstance(x, (np.floating,)):
+    if isinstance(x, np.floating):
         return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
     raise TypeError(f"cannot store {type(x).__name__} in the preprocessing cache")
 
 
-def _tuples(x):
-    """JSON lists back to the tuples the dataset built (dict values too)."""
+def _from_json(x):
     if isinstance(x, list):
-        return tuple(_tuples(v) for v in x)
+        return tuple(_from_json(v) for v in x)
     if isinstance(x, dict):
-        return {k: _tuples(v) for k, v in x.items()}
+        if "__dict__" in x:
+            return {_from_json(k): _from_json(v) for k, v in x["__dict__"]}
+        module, name = x["__class__"].split(":")
+        if not module.startswith("omnitune.data."):  # only the data package's own record types
+            raise ValueError(f"unexpected class {x['__class__']} in a cache entry")
+        cls = getattr(importlib.import_module(module), name)
+        if "args" in x:
+            return cls(*(_from_json(v) for v in x["args"]))
+        return cls(**{k: _from_json(v) for k, v in x["kwargs"].items()})
     return x
 
 
@@ -246,7 +266,7 @@ def _load(entry: Path, since: float | None) -> BuiltData | None:
                   for n in ("input_ids", "labels", "offsets")]
     except (OSError, ValueError, KeyError):
         return None  # absent, or being replaced right now: take the locked path
-    return BuiltData(*arrays, [_tuples(m) for m in meta["media"]], tuple(meta["counts"]), meta["num_samples"])
+    return BuiltData(*arrays, [_from_json(m) for m in meta["media"]], tuple(meta["counts"]), meta["num_samples"])
 
 
 def _write(entry: Path, data: BuiltData, manifest: list, inputs: dict) -> None:
@@ -255,8 +275,9 @@ def _write(entry: Path, data: BuiltData, manifest: list, inputs: dict) -> None:
         np.save(tmp / "labels.npy", data.labels)
         np.save(tmp / "offsets.npy", data.offsets)
         meta = {"format": CACHE_FORMAT, "built_at": time.time(), "num_samples": data.num_samples,
-                "counts": list(data.counts), "manifest": manifest, "inputs": inputs, "media": data.media}
-        (tmp / "meta.json").write_text(json.dumps(meta, default=_jsonable))
+                "counts": list(data.counts), "manifest": manifest, "inputs": inputs,
+                "media": [_to_json(m) for m in data.media]}
+        (tmp / "meta.json").write_text(json.dumps(meta))
 
 
 @contextlib.contextmanager

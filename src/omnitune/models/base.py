@@ -39,6 +39,12 @@ class ModelFamily:
     hf_class_name: str = ""
     #: transformers config class name
     hf_config_class_name: str = ""
+    #: Omni: transformers class of the FULL model (thinker + talker + vocoder) that HF folders hold;
+    #: "" when the folder holds the trainable model itself
+    hf_full_class_name: str = ""
+    hf_full_config_class_name: str = ""
+    #: Omni: key prefix of the trainable part inside the full folder ("thinker."), else ""
+    folder_prefix: str = ""
 
     # ------------------------------------------------------------------ classes and configs
     def model_class(self):
@@ -49,11 +55,28 @@ class ModelFamily:
         import transformers
         return getattr(transformers, self.hf_config_class_name)
 
+    def folder_class(self):
+        """transformers class of what an HF folder of this family holds (the full Omni model)."""
+        import transformers
+        return getattr(transformers, self.hf_full_class_name or self.hf_class_name)
+
     def tiny_config(self, size: str = "tiny"):
+        """Config of the trainable model (the thinker for Omni)."""
         raise NotImplementedError
+
+    def tiny_folder_config(self, size: str = "tiny"):
+        """Config of the model a tiny HF folder holds (Omni: thinker + talker + vocoder)."""
+        return self.tiny_config(size)
 
     def build_processor(self, load_tokenizer):
         raise NotImplementedError
+
+    def init_tiny_model(self, model: nn.Module, generator: torch.Generator) -> None:
+        """Initialise what the HF class leaves uninitialised (torch.empty) in a fresh tiny model."""
+
+    def tiny_folder_extras(self, folder, config, generator) -> None:
+        """Write the non-weight files a real folder of this family has besides config/weights/processor
+        (Qwen2.5-Omni: spk_dict.pt). ``generator`` seeds any random content."""
 
     # ------------------------------------------------------------------ structure
     def module_groups(self) -> list[ModuleGroup]:
@@ -65,6 +88,10 @@ class ModelFamily:
 
     def vision_tower(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    def audio_tower(self, model: nn.Module) -> nn.Module | None:
+        """The audio encoder (Omni), None for families without audio."""
+        return None
 
     def lm_head(self, model: nn.Module) -> nn.Linear:
         return model.lm_head
@@ -136,3 +163,21 @@ class ModelFamily:
         if aux is None:
             aux = hidden.new_zeros(())
         return hidden, aux
+
+
+def text_sizes(t, prefix: str = "text_decoder") -> dict[str, int]:
+    """config.json text sizes under model.json's text_decoder keys (shared by the Qwen families)."""
+    out = {
+        f"{prefix}.num_layers": t.num_hidden_layers,
+        f"{prefix}.hidden_size": t.hidden_size,
+        f"{prefix}.ffn_hidden_size": t.intermediate_size,
+        f"{prefix}.num_attention_heads": t.num_attention_heads,
+        f"{prefix}.num_query_groups": t.num_key_value_heads,
+        f"{prefix}.vocab_size": t.vocab_size,
+    }
+    if getattr(t, "head_dim", None):
+        out[f"{prefix}.kv_channels"] = t.head_dim
+    for k in ("num_experts", "moe_intermediate_size", "num_experts_per_tok"):
+        if getattr(t, k, None):
+            out[f"{prefix}.{k}"] = getattr(t, k)
+    return out

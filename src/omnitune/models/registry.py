@@ -5,9 +5,14 @@ import importlib
 
 from omnitune.models.base import ModelFamily
 
-# registry name -> module holding SPEC
+# registry name -> "module" holding SPEC, or "module:ATTR" when a folder holds several specs
 FAMILIES: dict[str, str] = {
     "qwen2_vl": "omnitune.models.qwen2_vl.spec",
+    "qwen2_5_vl": "omnitune.models.qwen2_5_vl.spec",
+    "qwen2_5_omni": "omnitune.models.qwen2_5_omni.spec",
+    "qwen3_vl": "omnitune.models.qwen3_vl.spec",
+    "qwen3_vl_moe": "omnitune.models.qwen3_vl.spec:MOE_SPEC",
+    "qwen3_omni_moe": "omnitune.models.qwen3_omni_moe.spec",
 }
 
 _cache: dict[str, ModelFamily] = {}
@@ -17,7 +22,8 @@ def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
         raise KeyError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
     if name not in _cache:
-        _cache[name] = importlib.import_module(FAMILIES[name]).SPEC
+        module, _, attr = FAMILIES[name].partition(":")
+        _cache[name] = getattr(importlib.import_module(module), attr or "SPEC")
     return _cache[name]
 
 
@@ -35,6 +41,6 @@ def family_for_model_id(model_id: str) -> ModelFamily:
 def family_for_hf_config(config) -> ModelFamily:
     for name in FAMILIES:
         fam = get_family(name)
-        if type(config).__name__ == fam.hf_config_class_name:
+        if type(config).__name__ in (fam.hf_config_class_name, fam.hf_full_config_class_name):
             return fam
     raise ValueError(f"no omnitune family for HF config class {type(config).__name__}")

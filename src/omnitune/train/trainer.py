@@ -77,7 +77,6 @@ def make_plan(argv: list[str]) -> tuple[Plan, bool]:
     problems = unsupported_settings(model_cfg)
     if problems:
         raise ConfigError(f"{args.mm_model}: {problems[0]}")
-    family = family_for_model_id(model_cfg.model_id)
 
     load_kind, load_path = "none", args.load
     if args.load:
@@ -102,14 +101,30 @@ def make_plan(argv: list[str]) -> tuple[Plan, bool]:
         raise ConfigError(f"the original HF folder (model.json init_from_hf_path or data.json "
                           f"preprocess_parameters.model_name_or_path) has no config.json: {hf_dir}")
     hf_config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
-    if type(hf_config).__name__ != family.hf_config_class_name:
-        raise ConfigError(f"{args.mm_model}: model_id {model_cfg.model_id!r} expects a "
-                          f"{family.hf_config_class_name} but {hf_dir}/config.json is {type(hf_config).__name__}")
+    family = family_for_folder_and_model_id(hf_config, hf_dir, model_cfg.model_id, args.mm_model)
     check_against_hf_config(model_cfg, family, hf_config, args.mm_model)
-    if load_kind == "none" and not model_cfg.init_from_hf_path:
-        # Train from the original HF weights when nothing else is given (seed: init_from_hf_path).
+    if load_kind == "none":
+        # Nothing else given: train from the original HF weights (seed: init_from_hf_path).
         load_kind, load_path = "hf", hf_dir
     return Plan(args, data_cfg, model_cfg, family, hf_dir, hf_config, load_kind, load_path, ignored), dry_run
+
+
+def family_for_folder_and_model_id(hf_config, hf_dir, model_id: str, source: str):
+    """The family is the HF folder's (its config.json class); model.json's model_id must name it.
+    A family may also accept another family's id that MindSpeed-MM's own examples use for it
+    (``legacy_model_ids``: its Qwen2.5-Omni model_7b.json says "qwen2_5vl")."""
+    from omnitune.models.registry import family_for_hf_config
+
+    named = family_for_model_id(model_id)
+    try:
+        family = family_for_hf_config(hf_config)
+    except ValueError:
+        family = None
+    if family is not named and (family is None or model_id not in getattr(family, "legacy_model_ids", ())):
+        expected = " or ".join(c for c in (named.hf_config_class_name, named.hf_full_config_class_name) if c)
+        raise ConfigError(f"{source}: model_id {model_id!r} expects a {expected} but {hf_dir}/config.json is "
+                          f"{type(hf_config).__name__}" + (f" (model_id {family.model_ids[0]!r})" if family else ""))
+    return family
 
 
 def seed_everything(seed: int) -> None:
