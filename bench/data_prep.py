@@ -1,10 +1,11 @@
 """Data preparation throughput: dataset build + one pass of iteration, with 1 and 2 workers, cold
 and warm preprocessing cache, measured side by side in one run. Not a test.
 
-Synthetic data: --n samples (default 2,000), each a short conversation with one random-noise JPEG
-of a random size (64..320 px a side); plus --n-video MP4 (PyAV) and --n-audio WAV (soundfile)
-samples when this version's data pipeline accepts videos / audios (it says which it skipped).
-Processor: the tiny Qwen2-VL folder (real Qwen tokenizer).
+Synthetic data: --n samples (default 2,000), each a short conversation with one smooth-noise JPEG
+of a random size (64..320 px a side); plus --n-video MP4 (PyAV, 16 frames at 8 fps) and --n-audio
+WAV (soundfile, 2 s at 16 kHz) samples. Processor and template: the tiny Qwen2.5-Omni folder
+(real Qwen tokenizer; its processor reads images, videos and audio), template qwen2_omni; when this
+version has no qwen2_omni template yet, the tiny Qwen2-VL folder and qwen2vl (audio samples skipped).
 
 "1 worker" = everything in the main process (preprocessing_num_workers 1, DataLoader num_workers 0);
 "2 workers" = preprocessing_num_workers 2 and DataLoader num_workers 2. "cold" builds into an empty
@@ -70,15 +71,26 @@ def make_audios(root: Path, n: int, rng) -> list[str]:
     return names
 
 
-def media_supported(kind: str, hf_dir: Path) -> bool:
+def pick_family() -> tuple[str, str]:
+    """(tiny-model family, template): Qwen2.5-Omni when its template exists here, else Qwen2-VL."""
+    from omnitune.data.templates import TEMPLATES
+    return ("qwen2_5_omni", "qwen2_omni") if "qwen2_omni" in TEMPLATES else ("qwen2_vl", "qwen2vl")
+
+
+TEMPLATE = pick_family()[1]
+
+
+def media_supported(kind: str, processor) -> bool:
     """Whether this version's data.json validation accepts the ``kind`` column (videos / audios)."""
     from omnitune.config.data import DataConfig, unsupported_features
-    cfg = DataConfig.model_validate({"dataset_param": {"basic_parameters": {"dataset": "x.json"},
+    cfg = DataConfig.model_validate({"dataset_param": {"basic_parameters": {"dataset": "x.json", "template": TEMPLATE},
                                                        "attr": {kind: kind}}})
-    return not any(f"attr.{kind}" in p for p in unsupported_features(cfg))
+    reader = {"videos": "video_processor", "audios": "feature_extractor"}[kind]
+    return getattr(processor, reader, None) is not None and \
+        not any(f"attr.{kind}" in p for p in unsupported_features(cfg))
 
 
-def write_dataset(root: Path, args, rng, hf_dir: Path) -> tuple[dict, dict]:
+def write_dataset(root: Path, args, rng, hf_dir: Path, processor) -> tuple[dict, dict]:
     images = make_images(root, args.n, rng)
     words = "the a red blue square circle small large noise picture shows left right top bottom".split()
     samples = []
@@ -93,8 +105,9 @@ def write_dataset(root: Path, args, rng, hf_dir: Path) -> tuple[dict, dict]:
     for kind, make, n in (("videos", make_videos, args.n_video), ("audios", make_audios, args.n_audio)):
         if not n:
             continue
-        if not media_supported(kind, hf_dir):
-            print(f"note: {kind} are not supported by this version's data pipeline yet: {n} {kind[:-1]} samples skipped")
+        if not media_supported(kind, processor):
+            print(f"note: {kind} are not supported with template {TEMPLATE} in this version: "
+                  f"{n} {kind[:-1]} samples skipped")
             continue
         tag = "<" + kind[:-1] + ">"
         for name in make(root, n, rng):
@@ -105,8 +118,9 @@ def write_dataset(root: Path, args, rng, hf_dir: Path) -> tuple[dict, dict]:
     (root / "data.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     cfg = {"dataset_param": {
         "preprocess_parameters": {"model_name_or_path": str(hf_dir), "image_min_pixels": 28 * 28,
-                                  "image_max_pixels": 256 * 256, "video_max_pixels": 84 * 112, "video_fps": 2.0},
-        "basic_parameters": {"template": "qwen2vl", "dataset_dir": str(root), "dataset": "data.jsonl",
+                                  "image_max_pixels": 256 * 256, "video_min_pixels": 28 * 28,
+                                  "video_max_pixels": 84 * 112, "video_fps": 2.0},
+        "basic_parameters": {"template": TEMPLATE, "dataset_dir": str(root), "dataset": "data.jsonl",
                              "cache_dir": None, "preprocessing_batch_size": 250},
         "attr": attr}}
     return cfg, counts
@@ -151,14 +165,15 @@ def main() -> None:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="omnitune_data_prep_"))
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    hf_dir = build_tiny_model("qwen2_vl", out / "tiny_qwen2vl")
+    family = pick_family()[0]
+    hf_dir = build_tiny_model(family, out / f"tiny_{family}")
     processor = AutoProcessor.from_pretrained(hf_dir)
     rng = np.random.default_rng(0)
     data_root = out / "data"
     if data_root.exists():
         shutil.rmtree(data_root)
     t0 = time.perf_counter()
-    cfg, counts = write_dataset(data_root, args, rng, hf_dir)
+    cfg, counts = write_dataset(data_root, args, rng, hf_dir, processor)
     print(f"synthetic data: {counts} samples written in {time.perf_counter() - t0:.1f} s "
           f"({os.cpu_count()} CPUs visible; shared machines make single figures noisy, ratios less so)")
 

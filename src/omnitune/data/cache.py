@@ -147,16 +147,29 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
+
+
 def processor_fingerprint(processor) -> str:
-    """Hash of the tokenizer (full serialized form) and of every media processor's settings."""
+    """Hash of the tokenizer and of every media processor's settings.
+
+    Tokenizer: the bytes of the non-weight files of the folder it was loaded from (tokenizer.json,
+    tokenizer_config.json, vocab, merges, chat template, ...), plus its size and added tokens in
+    memory; a tokenizer not loaded from a folder is hashed from its full serialized form."""
     h = hashlib.sha256()
     tok = getattr(processor, "tokenizer", processor)
     h.update(type(tok).__name__.encode())
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:  # a slow tokenizer: its vocabulary and added tokens
+    folder = Path(str(getattr(tok, "name_or_path", "") or ""))
+    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.endswith(_WEIGHTS)) \
+        if folder.is_dir() else []
+    if files:
+        for f in files:
+            h.update(f.name.encode() + b"\0" + _sha256_file(f).encode())
+    elif getattr(tok, "backend_tokenizer", None) is not None:
+        h.update(tok.backend_tokenizer.to_str().encode())
+    else:  # a slow tokenizer: its vocabulary
         h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    h.update(str(len(tok)).encode())
     h.update(json.dumps(sorted((str(k), str(v)) for k, v in tok.added_tokens_decoder.items())).encode())
     for name in ("image_processor", "video_processor", "feature_extractor"):
         sub = getattr(processor, name, None)
@@ -236,16 +249,21 @@ def _to_json(x):
     raise TypeError(f"cannot store {type(x).__name__} in the preprocessing cache")
 
 
+_CLASSES: dict[str, type] = {}
+
+
 def _from_json(x):
     if isinstance(x, list):
         return tuple(_from_json(v) for v in x)
     if isinstance(x, dict):
         if "__dict__" in x:
             return {_from_json(k): _from_json(v) for k, v in x["__dict__"]}
-        module, name = x["__class__"].split(":")
-        if not module.startswith("omnitune.data."):  # only the data package's own record types
-            raise ValueError(f"unexpected class {x['__class__']} in a cache entry")
-        cls = getattr(importlib.import_module(module), name)
+        cls = _CLASSES.get(x["__class__"])
+        if cls is None:
+            module, name = x["__class__"].split(":")
+            if not module.startswith("omnitune.data."):  # only the data package's own record types
+                raise ValueError(f"unexpected class {x['__class__']} in a cache entry")
+            cls = _CLASSES[x["__class__"]] = getattr(importlib.import_module(module), name)
         if "args" in x:
             return cls(*(_from_json(v) for v in x["args"]))
         return cls(**{k: _from_json(v) for k, v in x["kwargs"].items()})
