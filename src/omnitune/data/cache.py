@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -78,8 +77,8 @@ def _encode_chunk(i: int) -> list:
 
 def encode_all(ds, samples: list[dict], num_workers: int | None, batch_size: int) -> list:
     """``ds.encode_samples`` over ``samples`` in chunks; with num_workers > 1 in that many forked
-    processes (at most one per available CPU). The result is the same list whatever the worker count (chunks are independent and
-    collected in order)."""
+    processes (at most one per available CPU). The result is the same list whatever the worker
+    count (chunks are independent and collected in order)."""
     global _POOL_STATE
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(num_workers or 1, cpus, max(1, len(samples)))  # more processes than CPUs only add overhead
@@ -125,7 +124,7 @@ def _assemble(results: list, num_samples: int) -> BuiltData:
                 ids_parts.append(ids)
                 label_parts.append(labels)
             media.append(meta)
-            truncated += int(cut)
+            truncated += bool(cut)
     cat = (lambda parts: np.concatenate(parts).astype(np.int32)) if ids_parts else \
         (lambda parts: np.zeros(0, np.int32))
     return BuiltData(cat(ids_parts), cat(label_parts), np.cumsum([0] + [len(x) for x in ids_parts], dtype=np.int64),
@@ -229,46 +228,14 @@ def _manifest_ok(manifest: list[list]) -> bool:
     return True
 
 
-def _to_json(x):
-    """Media metadata -> JSON: named tuples and dataclasses of omnitune.data are tagged with their
-    class so :func:`_from_json` rebuilds exactly the objects the dataset built."""
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        return {"__class__": f"{type(x).__module__}:{type(x).__qualname__}", "args": [_to_json(v) for v in x]}
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {"__class__": f"{type(x).__module__}:{type(x).__qualname__}",
-                "kwargs": {f.name: _to_json(getattr(x, f.name)) for f in dataclasses.fields(x)}}
-    if isinstance(x, (list, tuple)):
-        return [_to_json(v) for v in x]
-    if isinstance(x, dict):
-        return {"__dict__": [[_to_json(k), _to_json(v)] for k, v in x.items()]}
+def _jsonable(x):
     if isinstance(x, np.integer):
         return int(x)
     if isinstance(x, np.floating):
         return float(x)
-    if x is None or isinstance(x, (str, int, float, bool)):
-        return x
+    if isinstance(x, np.ndarray):
+        return x.tolist()
     raise TypeError(f"cannot store {type(x).__name__} in the preprocessing cache")
-
-
-_CLASSES: dict[str, type] = {}
-
-
-def _from_json(x):
-    if isinstance(x, list):
-        return tuple(_from_json(v) for v in x)
-    if isinstance(x, dict):
-        if "__dict__" in x:
-            return {_from_json(k): _from_json(v) for k, v in x["__dict__"]}
-        cls = _CLASSES.get(x["__class__"])
-        if cls is None:
-            module, name = x["__class__"].split(":")
-            if not module.startswith("omnitune.data."):  # only the data package's own record types
-                raise ValueError(f"unexpected class {x['__class__']} in a cache entry")
-            cls = _CLASSES[x["__class__"]] = getattr(importlib.import_module(module), name)
-        if "args" in x:
-            return cls(*(_from_json(v) for v in x["args"]))
-        return cls(**{k: _from_json(v) for k, v in x["kwargs"].items()})
-    return x
 
 
 def _load(entry: Path, since: float | None) -> BuiltData | None:
@@ -285,7 +252,9 @@ def _load(entry: Path, since: float | None) -> BuiltData | None:
                   for n in ("input_ids", "labels", "offsets")]
     except (OSError, ValueError, KeyError):
         return None  # absent, or being replaced right now: take the locked path
-    return BuiltData(*arrays, [_from_json(m) for m in meta["media"]], tuple(meta["counts"]), meta["num_samples"])
+    from omnitune.data.dataset import MediaMeta
+    return BuiltData(*arrays, [MediaMeta.from_json(m) for m in meta["media"]], tuple(meta["counts"]),
+                     meta["num_samples"])
 
 
 def _write(entry: Path, data: BuiltData, manifest: list, inputs: dict) -> None:
@@ -295,8 +264,8 @@ def _write(entry: Path, data: BuiltData, manifest: list, inputs: dict) -> None:
         np.save(tmp / "offsets.npy", data.offsets)
         meta = {"format": CACHE_FORMAT, "built_at": time.time(), "num_samples": data.num_samples,
                 "counts": list(data.counts), "manifest": manifest, "inputs": inputs,
-                "media": [_to_json(m) for m in data.media]}
-        (tmp / "meta.json").write_text(json.dumps(meta))
+                "media": [m.to_json() for m in data.media]}
+        (tmp / "meta.json").write_text(json.dumps(meta, default=_jsonable))
 
 
 @contextlib.contextmanager

@@ -8,8 +8,7 @@ DataLoader workers share it without copy-on-write growth. Item time: decode and 
 media with the HF processors and check the grids equal the build-time ones.
 
 :class:`SampleEncoder` is the per-sample encoding (sample -> ids, labels, media metadata) and the
-item-time media loading, usable on its own (caching, streaming). The build itself (worker processes,
-the cache_dir cache) is omnitune.data.cache; streaming data is omnitune.data.streaming.
+item-time media loading, usable on its own (caching, streaming).
 
 Length limit = min(seq_length, cutoff_len). A longer sample is cut in its text only when no media
 token would be cut; otherwise it is dropped and counted (a media token cut out of sync with its
@@ -17,6 +16,7 @@ media cannot train). Samples left with no trained token are dropped too. Both ar
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -54,6 +54,18 @@ class MediaMeta(NamedTuple):
     @property
     def has_media(self) -> bool:
         return bool(self.images or self.videos or self.audios)
+
+    def to_json(self) -> dict:
+        d = self._asdict()
+        d["videos"] = [dataclasses.asdict(v) for v in self.videos]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MediaMeta":
+        def tup(x):
+            return tuple(tup(v) for v in x) if isinstance(x, list) else x
+        videos = tuple(VideoInfo(**{k: tup(v) for k, v in info.items()}) for info in d["videos"])
+        return cls(**{k: (videos if k == "videos" else tup(v)) for k, v in d.items()})
 
 
 class SampleEncoder:
@@ -250,17 +262,17 @@ class SFTDataset(Dataset):
 
     def __init__(self, cfg: DataConfig, processor, seq_length: int, *, build: bool = True):
         bp = cfg.dataset_param.basic_parameters
+        self.cfg = cfg
         self.encoder = enc = SampleEncoder(cfg, processor)
         self.template = enc.template
         self.paired = enc.ranking
         self._media_token_ids = enc.media_token_ids
         self.max_length = min(seq_length, bp.cutoff_len or seq_length)
         self.num_truncated = self.num_dropped_media = self.num_dropped_untrained = 0
-
-        if not build:  # the encoder, length limit and items only (streaming: omnitune.data.streaming)
+        if not build:  # an encoder only (streaming: omnitune.data.streaming)
             return
 
-        # Build, or reuse the cache_dir entry; preprocessing_num_workers processes (omnitune.data.cache)
+        # Build (or reuse the cache_dir entry): see omnitune.data.cache.
         from omnitune.data.cache import build_or_load
         state = build_or_load(self, cfg, processor)
         self.input_ids, self.labels, self.offsets = state.input_ids, state.labels, state.offsets
@@ -272,9 +284,10 @@ class SFTDataset(Dataset):
                             f"{self.max_length}, {self.num_dropped_untrained} have no trained token")
 
     def encode_samples(self, samples: list[dict]) -> list:
-        """Encode normalized samples (one tokenizer call) and apply the length limit. Per sample:
-        (sequences [(ids, labels) int32] (2 for preference pairs), number of them truncated, meta) or
-        the drop reason "media" / "untrained". Changes no state, so it runs in worker processes too."""
+        """Encode normalized samples (one tokenizer call). Per sample: (sequences, truncated, meta)
+        with sequences = [(ids int32, labels int32)] (preference pairs: chosen, rejected), or the drop
+        reason "media" / "untrained". Pure: no state changes, so it can run in worker processes
+        (omnitune.data.cache)."""
         out = []
         for enc_sample in self.encoder.encode(samples):
             seqs, meta = enc_sample[:-1], enc_sample[-1]
@@ -282,7 +295,10 @@ class SFTDataset(Dataset):
                 seqs = (seqs,)
             fitted = [self._fit(ids.astype(np.int32), labels.astype(np.int32)) for ids, labels in seqs]
             reason = next((f for f in fitted if isinstance(f, str)), None)
-            out.append(reason or ([f[:2] for f in fitted], sum(f[2] for f in fitted), meta))
+            if reason is not None:
+                out.append(reason)
+            else:
+                out.append(([(ids, labels) for ids, labels, _ in fitted], any(cut for *_, cut in fitted), meta))
         return out
 
     def _fit(self, ids: np.ndarray, labels: np.ndarray):
@@ -298,19 +314,18 @@ class SFTDataset(Dataset):
     def __len__(self) -> int:
         return len(self.media)
 
-    def _sequence(self, input_ids: np.ndarray, labels: np.ndarray) -> dict:
-        ids = torch.from_numpy(input_ids.astype(np.int64))
+    def _sequence(self, ids: np.ndarray, labels: np.ndarray) -> dict:
+        ids = torch.from_numpy(np.asarray(ids).astype(np.int64))
         return {"input_ids": ids,
-                "labels": torch.from_numpy(labels.astype(np.int64)),
+                "labels": torch.from_numpy(np.asarray(labels).astype(np.int64)),
                 "attention_mask": torch.ones_like(ids),
                 "mm_token_type_ids": self.encoder.token_types(ids)}
 
-    def make_item(self, seqs, meta: MediaMeta) -> dict:
-        """The item of one encoded sample: its sequences ([(ids, labels)], 2 for a preference pair)
-        as tensors, and its media loaded."""
+    def make_item(self, seqs: list, meta: MediaMeta) -> dict:
+        """The training item of one encoded sample: tensors of its sequence(s) + its decoded media."""
         if self.paired:
-            item = {f"{side}_{k}": v for side, seq in zip(("chosen", "rejected"), seqs)
-                    for k, v in self._sequence(*seq).items()}
+            item = {f"{side}_{k}": v for (ids, labels), side in zip(seqs, ("chosen", "rejected"))
+                    for k, v in self._sequence(ids, labels).items()}
         else:
             item = self._sequence(*seqs[0])
         item.update(self.encoder.media(meta))

@@ -152,7 +152,7 @@ class StreamingSFTDataset(IterableDataset):
             raise ValueError(f"bad streaming shard: dp_rank {dp_rank}, dp_size {dp_size}, "
                              f"micro_batch_size {micro_batch_size}")
         self.cfg = cfg
-        self.sft = SFTDataset(cfg, processor, seq_length, build=False)
+        self.encoder = SFTDataset(cfg, processor, seq_length, build=False)
         self.files = resolve_dataset_files(cfg)  # missing files fail here, before training starts
         self.max_samples = cfg.dataset_param.basic_parameters.max_samples
         self.collate_fn = collate_fn
@@ -228,22 +228,22 @@ class StreamingSFTDataset(IterableDataset):
                     raise DataError(f"{self.cfg.source}: streaming: data-parallel rank {self.dp_rank} (DataLoader "
                                     f"worker {w} of {n_workers}) got no usable sample in a whole pass over its "
                                     f"share of the data ({drops} dropped at the length limit "
-                                    f"{self.sft.max_length}); add data, raise cutoff_len / --seq-length or "
+                                    f"{self.encoder.max_length}); add data, raise cutoff_len / --seq-length or "
                                     f"lower num_workers / the micro batch size")
                 if (big_j // mbs) % n_workers != w:
                     continue
                 sample = normalize(parse_record(path, raw), index, path, self.cfg)
-                res = self.sft.encode_samples([sample])[0]
+                res = self.encoder.encode_samples([sample])[0]
                 if isinstance(res, str):
                     drops += 1
                     if drops == 1:
                         log.warning("%s: sample %d dropped at the length limit %d (%s); later drops are "
-                                    "not reported one by one", path, index, self.sft.max_length,
+                                    "not reported one by one", path, index, self.encoder.max_length,
                                     "media would be cut" if res == "media" else "no trained token left")
                     continue
                 since_usable = 0
                 seqs, _cut, meta = res
-                items.append(self.sft.make_item(seqs, meta))
+                items.append(self.encoder.make_item(seqs, meta))
                 if len(items) == mbs:
                     batch = self.collate_fn(items)
                     batch["stream_state"] = {"worker": w, "next": big_j + 1}
