@@ -169,6 +169,36 @@ def test_config_accepts_streaming_but_not_with_val_rate(tmp_path):
     assert any("val_rate cannot split a streamed dataset" in p for p in unsupported_features(load_data_config(data_json)))
 
 
+def test_bad_record_in_a_worker_reaches_the_trainer_as_a_clean_error(tmp_path, processor):
+    from types import SimpleNamespace
+
+    from omnitune.train.trainer import Trainer
+
+    data_json = make_stream_data(tmp_path)
+    with open(tmp_path / "b.jsonl", "a") as f:
+        f.write('{"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}\n')
+    ds = stream(data_json, processor, mbs=2, workers=1)
+    it = iter(DataLoader(ds, batch_size=None, num_workers=1))
+    trainer = SimpleNamespace(dataset=ds)
+    for _ in range(3):  # samples 0..5 are fine
+        Trainer._next_micro_batch(trainer, it)
+    with pytest.raises(DataError) as e:
+        for _ in range(10):
+            Trainer._next_micro_batch(trainer, it)
+    msg = str(e.value)
+    assert re.fullmatch(r".*b\.jsonl: sample 6: turn 1 has unknown role 'bot'.*", msg) and "Traceback" not in msg, msg
+
+
+def test_streaming_validation_comes_from_val_dataset(tmp_path, processor):
+    data_json = make_stream_data(tmp_path, basic={"val_dataset": "a.json", "val_max_samples": 3})
+    from omnitune.data import build_streaming_datasets
+    train, val = build_streaming_datasets(load_data_config(data_json), processor, 2048, micro_batch_size=2,
+                                          collate_fn=Collator(processor.tokenizer.pad_token_id), dp_rank=0,
+                                          dp_size=1, num_workers=0)
+    assert isinstance(train, StreamingSFTDataset) and len(val) == 3
+    assert [answers(processor, {"input_ids": val[i]["input_ids"][None]}) for i in range(3)] == [[0], [1], [2]]
+
+
 _SHARDS = textwrap.dedent("""
     import json, os, re, sys
     import torch.distributed as dist
