@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from media_util import mp4
 from PIL import Image
 
 from omnitune.config.data import load_data_config
@@ -24,7 +25,7 @@ from omnitune.data import templates as templates_mod
 from omnitune.data.dataset import SFTDataset
 
 REPO = Path(__file__).resolve().parents[1]
-ATTR = {"images": "images", "messages": "messages", "role_tag": "role", "content_tag": "content",
+ATTR = {"images": "images", "videos": "videos", "messages": "messages", "role_tag": "role", "content_tag": "content",
         "user_tag": "user", "assistant_tag": "assistant"}
 
 
@@ -41,7 +42,8 @@ def jpeg(path: Path, size=(80, 64), seed=0) -> str:
 
 
 def make_data(tmp: Path, n: int = 6, *, basic=None, pre=None) -> Path:
-    """n samples (every other one with an image) in d.jsonl + data.json with a cache_dir; returns data.json."""
+    """n samples (every other one with an image, sample 1 with a video) in d.jsonl + data.json with a
+    cache_dir; returns data.json."""
     samples = []
     for i in range(n):
         s = {"messages": [{"role": "user", "content": f"Question {i}: what is shown?" + " more" * i},
@@ -49,10 +51,14 @@ def make_data(tmp: Path, n: int = 6, *, basic=None, pre=None) -> Path:
         if i % 2 == 0:
             s["images"] = [jpeg(tmp / f"img{i}.jpg", (60 + 8 * i, 56), seed=i)]
             s["messages"][0]["content"] = "<image>" + s["messages"][0]["content"]
+        elif i == 1:
+            s["videos"] = [mp4(tmp / "vid1.mp4", n_frames=8, fps=4)]
+            s["messages"][0]["content"] = "<video>" + s["messages"][0]["content"]
         samples.append(s)
     (tmp / "d.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     cfg = {"dataset_param": {
-        "preprocess_parameters": {"image_min_pixels": 56 * 56, "image_max_pixels": 28 * 28 * 64, **(pre or {})},
+        "preprocess_parameters": {"image_min_pixels": 56 * 56, "image_max_pixels": 28 * 28 * 64,
+                                  "video_min_pixels": 28 * 28, "video_max_pixels": 56 * 84, **(pre or {})},
         "basic_parameters": {"template": "qwen2vl", "dataset_dir": str(tmp), "dataset": "d.jsonl",
                              "cache_dir": str(tmp / "cache"), **(basic or {})},
         "attr": ATTR}}
@@ -247,7 +253,7 @@ _RACER = textwrap.dedent("""
     while not Path(go).exists():
         time.sleep(0.01)
     ds = build_train_dataset(cfg, processor, 2048)
-    Path(me).write_text(json.dumps({"calls": sum(calls), "ids": ds.input_ids.tolist(), "media": ds.media}))
+    Path(me).write_text(json.dumps({"calls": sum(calls), "ids": ds.input_ids.tolist(), "media": repr(ds.media)}))
 """)
 
 

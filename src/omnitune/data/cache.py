@@ -60,7 +60,7 @@ _MEDIA_KEYS_SKIP = {"messages", "source", "index"}
 class BuiltData:
     input_ids: np.ndarray          # int32, all samples concatenated
     labels: np.ndarray             # int32
-    offsets: np.ndarray            # int64 [n + 1]
+    offsets: np.ndarray            # int64 [n sequences + 1] (2 sequences per preference pair)
     media: list                    # per-sample media metadata (SFTDataset.media)
     counts: tuple[int, int, int]   # (truncated, dropped for media cut, dropped untrained)
     num_samples: int               # samples read before the length limit
@@ -77,10 +77,11 @@ def _encode_chunk(i: int) -> list:
 
 def encode_all(ds, samples: list[dict], num_workers: int | None, batch_size: int) -> list:
     """``ds.encode_samples`` over ``samples`` in chunks; with num_workers > 1 in that many forked
-    processes. The result is the same list whatever the worker count (chunks are independent and
-    collected in order)."""
+    processes (at most one per available CPU). The result is the same list whatever the worker
+    count (chunks are independent and collected in order)."""
     global _POOL_STATE
-    workers = min(num_workers or 1, max(1, len(samples)))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(num_workers or 1, cpus, max(1, len(samples)))  # more processes than CPUs only add overhead
     if workers <= 1:
         out = []
         for start in range(0, len(samples), batch_size):
@@ -118,8 +119,8 @@ def _assemble(results: list, num_samples: int) -> BuiltData:
         elif r == "untrained":
             dropped_untrained += 1
         else:
-            seqs, cut, meta = r  # one sequence, or two for a preference pair (offsets per sequence)
-            for ids, labels in seqs:
+            seqs, cut, meta = r
+            for ids, labels in seqs:  # 2 sequences for a preference pair
                 ids_parts.append(ids)
                 label_parts.append(labels)
             media.append(meta)
@@ -146,16 +147,29 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
+
+
 def processor_fingerprint(processor) -> str:
-    """Hash of the tokenizer (full serialized form) and of every media processor's settings."""
+    """Hash of the tokenizer and of every media processor's settings.
+
+    Tokenizer: the bytes of the non-weight files of the folder it was loaded from (tokenizer.json,
+    tokenizer_config.json, vocab, merges, chat template, ...), plus its size and added tokens in
+    memory; a tokenizer not loaded from a folder is hashed from its full serialized form."""
     h = hashlib.sha256()
     tok = getattr(processor, "tokenizer", processor)
     h.update(type(tok).__name__.encode())
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:  # a slow tokenizer: its vocabulary and added tokens
+    folder = Path(str(getattr(tok, "name_or_path", "") or ""))
+    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.endswith(_WEIGHTS)) \
+        if folder.is_dir() else []
+    if files:
+        for f in files:
+            h.update(f.name.encode() + b"\0" + _sha256_file(f).encode())
+    elif getattr(tok, "backend_tokenizer", None) is not None:
+        h.update(tok.backend_tokenizer.to_str().encode())
+    else:  # a slow tokenizer: its vocabulary
         h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    h.update(str(len(tok)).encode())
     h.update(json.dumps(sorted((str(k), str(v)) for k, v in tok.added_tokens_decoder.items())).encode())
     for name in ("image_processor", "video_processor", "feature_extractor"):
         sub = getattr(processor, name, None)
@@ -215,9 +229,9 @@ def _manifest_ok(manifest: list[list]) -> bool:
 
 
 def _jsonable(x):
-    if isinstance(x, (np.integer,)):
+    if isinstance(x, np.integer):
         return int(x)
-    if isinstance(x, (np.floating,)):
+    if isinstance(x, np.floating):
         return float(x)
     if isinstance(x, np.ndarray):
         return x.tolist()
