@@ -100,12 +100,13 @@ def apply_module_settings(hf_model: nn.Module, family: ModelFamily, model_cfg, o
 def load_hf_model(family: ModelFamily, hf_dir: str | None, config=None, init_weights: bool = True) -> nn.Module:
     """fp32 model: weights from ``hf_dir`` when init_weights, else random init from ``config``
     (the weights then come from a checkpoint)."""
-    cls = family.model_class()
     if init_weights:
-        model = cls.from_pretrained(hf_dir, dtype=torch.float32)
-    else:
-        model = cls._from_config(config, dtype=torch.float32)
+        model = family.load_pretrained(hf_dir, dtype=torch.float32)
+    else:  # Omni: a full folder's config -> the thinker's
+        model = family.model_class()._from_config(family.trainable_config(config), dtype=torch.float32)
     model.config.use_cache = False
+    for p in family.unused_parameters(model):   # never gets a grad: keep it out of the optimizer
+        p.requires_grad_(False)
     return model
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from omnitune.checkpoint import dcp as ckpt_io
+from omnitune.checkpoint.mm_load import is_mm_checkpoint, load_mm_weights
 from omnitune.config.errors import ConfigError
 from omnitune.config.model import check_against_hf_config, load_model_json, unsupported_settings
 from omnitune.config.train import TrainArgs, parse_train_args, resolve_loss_type
@@ -37,7 +38,7 @@ class Plan:
     family: object
     hf_dir: str               # architecture + processor source (original HF folder)
     hf_config: object
-    load_kind: str            # "hf" | "resume" | "none"
+    load_kind: str            # "hf" | "mm" | "resume" | "none"
     load_path: str | None
     ignored_flags: list[str] = field(default_factory=list)
 
@@ -84,7 +85,9 @@ def make_plan(argv: list[str]) -> tuple[Plan, bool]:
         lp = Path(args.load)
         if not lp.exists():
             raise ConfigError(f"--load {args.load}: no such folder")
-        if ckpt_io.is_training_checkpoint_root(lp):
+        if is_mm_checkpoint(lp):  # MindSpeed-MM layout (mm-convert hf_to_mm): weights only
+            load_kind = "mm"
+        elif ckpt_io.is_training_checkpoint_root(lp):
             load_kind = "resume"
             meta = ckpt_io.read_trainer_state(ckpt_io.resolve_checkpoint(lp))  # fails early if `latest` points nowhere
             if not args.no_load_optim and not meta.get("has_optim", False):
@@ -156,18 +159,30 @@ class Trainer:
         self.grad_acc = self.gbs // (a.micro_batch_size * world)
         seed_everything(a.seed)
 
-        # data
+        # data: map-style (built once, cached) or streaming (read lazily, position in checkpoints)
         processor = AutoProcessor.from_pretrained(plan.hf_dir, trust_remote_code=False)
-        self.dataset, self.val_dataset = build_datasets(plan.data_cfg, processor, a.seq_length, seed=a.seed)
         dl = plan.data_cfg.dataloader_param
-        self._loader_args = dict(collate_fn=Collator(processor.tokenizer.pad_token_id),
-                                 num_workers=a.num_workers, pin_memory=dl.pin_memory and dist_ctx.device.type != "cpu")
+        self.streaming = plan.data_cfg.dataset_param.basic_parameters.streaming
+        self.num_workers = dl.num_workers if dl.num_workers is not None else a.num_workers  # data.json wins
+        collate = Collator(processor.tokenizer.pad_token_id)
+        if self.streaming:
+            from omnitune.data.streaming import build_streaming_datasets
+            self.dataset, self.val_dataset = build_streaming_datasets(
+                plan.data_cfg, processor, a.seq_length, micro_batch_size=a.micro_batch_size, collate_fn=collate,
+                dp_rank=dist_ctx.rank, dp_size=world, num_workers=self.num_workers)
+        else:
+            self.dataset, self.val_dataset = build_datasets(plan.data_cfg, processor, a.seq_length, seed=a.seed)
+        self._loader_args = dict(num_workers=self.num_workers,
+                                 pin_memory=dl.pin_memory and dist_ctx.device.type != "cpu")
         self._make_loader = lambda sampler, ds=None: DataLoader(ds if ds is not None else self.dataset,
-                                                                batch_sampler=sampler, **self._loader_args)
+                                                                batch_sampler=sampler, collate_fn=collate,
+                                                                **self._loader_args)
 
         # model
         init = plan.load_kind == "hf"
         hf = load_hf_model(plan.family, plan.load_path if init else None, plan.hf_config, init_weights=init)
+        if plan.load_kind == "mm":
+            load_mm_weights(plan.load_path, plan.family, hf)
         frozen = {n for n, m in plan.model_cfg.modules().items() if m.freeze}
         self.trainable = apply_freeze(hf, plan.family, frozen)
         hf.to(dist_ctx.device)
@@ -190,8 +205,17 @@ class Trainer:
                                            load_optim=not a.no_load_optim, load_rng=not a.no_load_rng)
             self.iteration = int(meta.get("iteration", 0))
             self.consumed = int(meta.get("consumed_samples", 0))
+            if self.streaming:
+                try:
+                    data_state = ckpt_io.read_data_state(ckpt)
+                except FileNotFoundError as e:
+                    raise ConfigError(f"--load {plan.load_path}: {e}") from None
+                if data_state is None:
+                    raise ConfigError(f"--load {plan.load_path}: {ckpt} holds no streaming data position (saved "
+                                      f"by a run without streaming); resume it without streaming: true")
+                self.dataset.load_state_dict(data_state, source=str(ckpt))
             self.log(f"resumed from {ckpt} at iteration {self.iteration} ({self.consumed} samples consumed)")
-        self.sampler = MicroBatchSampler(
+        self.sampler = None if self.streaming else MicroBatchSampler(
             len(self.dataset), a.micro_batch_size, self.gbs, dist_ctx.rank, world,
             shuffle=dl.shuffle, seed=a.seed, drop_last=dl.drop_last,
             consumed_samples=self.consumed)
@@ -262,7 +286,7 @@ class Trainer:
         stop_at = a.train_iters
         if a.exit_interval:
             stop_at = min(stop_at, (self.iteration // a.exit_interval + 1) * a.exit_interval)
-        loader_iter = iter(self._make_loader(self.sampler))
+        loader_iter = iter(self._train_loader())
         losses = []
         self.model.train()
         while self.iteration < stop_at:
@@ -270,7 +294,7 @@ class Trainer:
                        total=a.train_iters, style=a.lr_decay_style)
             set_lr(self.optimizer, lr)
             t0 = time.perf_counter()
-            micro = [next(loader_iter) for _ in range(self.grad_acc)]
+            micro = [self._next_micro_batch(loader_iter) for _ in range(self.grad_acc)]
             stats = self.train_step(micro)
             if self.d.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -290,6 +314,27 @@ class Trainer:
             self.save()
         self.logger.finish()
         return losses
+
+    def _train_loader(self):
+        from torch.utils.data import DataLoader
+
+        if self.streaming:  # the dataset yields collated micro-batches of this rank
+            return DataLoader(self.dataset, batch_size=None, **self._loader_args)
+        return self._make_loader(self.sampler)
+
+    def _next_micro_batch(self, loader_iter) -> dict:
+        """The next training micro-batch; a streaming batch's position is recorded as consumed."""
+        try:
+            mb = next(loader_iter)
+        except DataError as e:  # raised in a DataLoader worker: drop the worker's traceback text
+            msg = str(e)
+            if msg.startswith("Caught DataError") and "DataError: " in msg:
+                msg = msg.rsplit("DataError: ", 1)[1].strip()
+            raise DataError(msg) from None
+        state = mb.pop("stream_state", None)
+        if state is not None:
+            self.dataset.advance(state)
+        return mb
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -321,7 +366,8 @@ class Trainer:
                  "scheduler": {"lr": a.lr, "min_lr": a.min_lr, "warmup_iters": a.warmup_iters,
                                "decay_style": a.lr_decay_style, "num_steps": self.iteration}}
         path = ckpt_io.save_checkpoint(a.save, self.iteration, self.model.hf, self.optimizer, state,
-                                       save_optim=not a.no_save_optim, save_rng=not a.no_save_rng)
+                                       save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
+                                       data_state=self.dataset.state_dict() if self.streaming else None)
         self.log(f"saved checkpoint {path}")
 
 
