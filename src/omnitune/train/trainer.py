@@ -165,7 +165,7 @@ class Trainer:
             from omnitune.data.streaming import build_streaming_datasets
             self.dataset, self.val_dataset = build_streaming_datasets(
                 plan.data_cfg, processor, a.seq_length, micro_batch_size=a.micro_batch_size, collate_fn=collate,
-                dp_rank=dist_ctx.rank, dp_size=world, num_workers=self.num_workers)
+                dp_rank=dist_ctx.rank, dp_size=world, num_workers=self.num_workers, seed=a.seed)
         else:
             self.dataset, self.val_dataset = build_datasets(plan.data_cfg, processor, a.seq_length, seed=a.seed)
         self._loader_args = dict(num_workers=self.num_workers,
