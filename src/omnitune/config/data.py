@@ -29,12 +29,12 @@ class PreprocessParameters(_Strict):
     split_special_tokens: bool = False
     image_max_pixels: int = Field(768 * 768, ge=1)
     image_min_pixels: int = Field(32 * 32, ge=0)
-    video_max_pixels: int = Field(256 * 256, ge=1)
+    video_max_pixels: int = Field(256 * 256, ge=1)     # per frame, whatever the family's processor
     video_min_pixels: int = Field(16 * 16, ge=0)
-    video_fps: float = Field(2.0, gt=0)
-    video_maxlen: int = Field(128, ge=1)
-    audio_sampling_rate: int = Field(16000, ge=1)
-    use_audio_in_video: bool = False
+    video_fps: float = Field(2.0, gt=0)                # frames sampled per second of video ...
+    video_maxlen: int = Field(128, ge=1)               # ... at most this many
+    audio_sampling_rate: int = Field(16000, ge=1)      # must equal the feature extractor's rate
+    use_audio_in_video: bool = False                   # Omni templates: a video's sound track, interleaved
 
     @model_validator(mode="after")
     def _min_le_max(self):
@@ -63,7 +63,7 @@ class BasicParameters(_Strict):
     val_rate: float | None = Field(None, gt=0, lt=1)
     cutoff_len: int | None = Field(None, ge=1)    # the smaller of this and --seq-length applies
     packing: bool = False
-    enable_thinking: bool | None = None
+    enable_thinking: bool | None = None   # reasoning templates (qwen3_vl, qwen3_omni); null means true
 
     @field_validator("dataset")
     @classmethod

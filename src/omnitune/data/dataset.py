@@ -81,6 +81,7 @@ class SampleEncoder:
         self.cfg, self.processor = cfg, processor
         self.template = t = get_template(bp.template)
         self.train_on_prompt, self.mask_history = bp.train_on_prompt, bp.mask_history
+        self.enable_thinking = bp.enable_thinking
         self.ranking = cfg.dataset_param.attr.ranking
         self.tokenizer = tok = processor.tokenizer
         self.image_processor = getattr(processor, "image_processor", None)
@@ -97,8 +98,19 @@ class SampleEncoder:
             raise DataError(f"{cfg.source}: preprocess_parameters.audio_sampling_rate {pp.audio_sampling_rate} differs "
                             f"from the processor's feature extractor rate {self.feature_extractor.sampling_rate}")
         self.audio_rate = pp.audio_sampling_rate
+        self.position_id_per_seconds = getattr(processor, "position_id_per_seconds", 25)
+        self.seconds_per_chunk = getattr(processor, "seconds_per_chunk", 2.0)
         names = set(getattr(processor, "model_input_names", ()))
         self.video_time_key = next((k for k in ("second_per_grid_ts", "video_second_per_grid") if k in names), None)
+        unknown = [x for x in t.reserved_tokens if tok.convert_tokens_to_ids(x) in (None, tok.unk_token_id)]
+        mismatched = [(kind, getattr(processor, f"{kind}_token"), t.media(kind).pad) for kind in KINDS
+                      if t.media(kind) is not None and getattr(processor, f"{kind}_token", None) not in
+                      (None, t.media(kind).pad)]
+        if unknown or mismatched:
+            found = ", ".join([f"{x} is not a token of its tokenizer" for x in unknown] +
+                              [f"its {k} token is {a}, the template's {b}" for k, a, b in mismatched])
+            raise DataError(f"{cfg.source}: basic_parameters.template {bp.template!r} does not fit the model's "
+                            f"processor ({found}); use the template of that model family")
         types = {}
         for code, kind in enumerate(KINDS, start=1):
             if t.media(kind) is not None:
@@ -118,13 +130,16 @@ class SampleEncoder:
                             f"that reads {kind}s (preprocess_parameters.model_name_or_path)")
         return obj
 
-    def _audio_tokens(self, n_samples: int, where: str, what: str) -> int:
+    def _audio_tokens(self, lengths: list[int], whats: list[str], where: str) -> list[int]:
+        """Audio token counts of a sample's audios (all extracted together, see audio.feature_frames)."""
         t = self.template
         fe = self._need("feature_extractor", "audio", where)
-        n = audio_token_count(t.audio_rule, feature_frames(n_samples, fe, t.audio_rule == "qwen2_omni"))
-        if n < 1:
-            raise DataError(f"{where}: {what} is too short ({n_samples} samples) to give an audio token")
-        return n
+        counts = [audio_token_count(t.audio_rule, f)
+                  for f in feature_frames(lengths, fe, t.audio_rule == "qwen2_omni")]
+        for n, n_samples, what in zip(counts, lengths, whats):
+            if n < 1:
+                raise DataError(f"{where}: {what} is too short ({n_samples} samples) to give an audio token")
+        return counts
 
     def prepare(self, s: dict) -> tuple[list[dict], dict, MediaMeta]:
         """Check a normalized sample's media, size them and expand its placeholders.
@@ -147,27 +162,14 @@ class SampleEncoder:
                 g = image_grid(p, where, ip, self.min_pixels, self.max_pixels)
                 image_grids.append(g)
                 exp["image"].append(expand_image(t, g, ip.merge_size))
-        infos, video_grids, video_audio = [], [], []
+        infos, video_grids = [], []
         if videos:
             vp = self._need("video_processor", "video", where)
             for p in videos:
                 info = probe_video(p, where, self.video_fps, self.video_maxlen)
-                g = video_grid(info, where, vp, self.video_min_pixels, self.video_max_pixels, t.video_pixels_per)
-                n_audio = None
-                if self.use_audio_in_video:
-                    n_samples = audio_length(p, where, self.audio_rate, from_video=True)
-                    video_audio.append(n_samples)
-                    n_audio = self._audio_tokens(n_samples, where, f"the audio track of video {p}")
                 infos.append(info)
-                video_grids.append(g)
-                exp["video"].append(expand_video(
-                    t, g, vp.merge_size, indices=info.indices, fps=info.fps, temporal_patch_size=vp.temporal_patch_size,
-                    second_per_grid=vp.temporal_patch_size / info.sample_fps, audio_tokens=n_audio))
-        audio_samples = []
-        for p in audios:
-            n_samples = audio_length(p, where, self.audio_rate)
-            audio_samples.append(n_samples)
-            exp["audio"].append(expand_audio(t, self._audio_tokens(n_samples, where, f"audio {p}")))
+                video_grids.append(video_grid(info, where, vp, self.video_min_pixels, self.video_max_pixels,
+                                              t.video_pixels_per))
         order, seen = [], {"image": 0, "video": 0, "audio": 0}
         for m in messages:
             for tag in self._tag_re.findall(m["content"]):
@@ -175,6 +177,22 @@ class SampleEncoder:
                 if kind == "audio" or (kind == "video" and self.use_audio_in_video):
                     order.append((kind, seen[kind]))
                 seen[kind] += 1
+        audio_samples = [audio_length(p, where, self.audio_rate) for p in audios]
+        video_audio = [audio_length(p, where, self.audio_rate, from_video=True) for p in videos] \
+            if self.use_audio_in_video else []
+        tokens = {}
+        if order:
+            lengths = [audio_samples[i] if k == "audio" else video_audio[i] for k, i in order]
+            whats = [f"audio {audios[i]}" if k == "audio" else f"the audio track of video {videos[i]}"
+                     for k, i in order]
+            tokens = dict(zip(order, self._audio_tokens(lengths, whats, where)))
+        for j, (info, g) in enumerate(zip(infos, video_grids)):
+            vp = self.video_processor
+            exp["video"].append(expand_video(
+                t, g, vp.merge_size, indices=info.indices, fps=info.fps, temporal_patch_size=vp.temporal_patch_size,
+                second_per_grid=vp.temporal_patch_size / info.sample_fps, audio_tokens=tokens.get(("video", j)),
+                position_id_per_seconds=self.position_id_per_seconds, seconds_per_chunk=self.seconds_per_chunk))
+        exp["audio"] = [expand_audio(t, tokens[("audio", i)]) for i in range(len(audios))]
         meta = MediaMeta(where, tuple(images), tuple(image_grids), tuple(infos), tuple(video_grids), tuple(audios),
                          tuple(audio_samples), tuple(video_audio), tuple(order))
         return messages, exp, meta
@@ -187,10 +205,11 @@ class SampleEncoder:
             if "chosen" in s:
                 for answer in (s["chosen"], s["rejected"]):
                     rendered.append(render(self.template, messages + [{"role": "assistant", "content": answer}],
-                                           exp, self.train_on_prompt, self.mask_history))
+                                           exp, self.train_on_prompt, self.mask_history, self.enable_thinking))
                 pairs.append(True)
             else:
-                rendered.append(render(self.template, messages, exp, self.train_on_prompt, self.mask_history))
+                rendered.append(render(self.template, messages, exp, self.train_on_prompt, self.mask_history,
+                                       self.enable_thinking))
                 pairs.append(False)
             metas.append(meta)
         encoded = iter(encode(self.tokenizer, rendered))

@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 from omnitune.checkpoint import dcp as ckpt_io
+from omnitune.checkpoint.mm_load import is_mm_checkpoint, load_mm_weights
 from omnitune.config.errors import ConfigError
 from omnitune.config.model import check_against_hf_config, load_model_json, unsupported_settings
-from omnitune.config.train import TrainArgs, parse_train_args
+from omnitune.config.train import TrainArgs, parse_train_args, resolve_loss_type
 from omnitune.data.formats import DataError
 from omnitune.models.registry import family_for_model_id
 from omnitune.train.metrics import Logger
@@ -37,7 +38,7 @@ class Plan:
     family: object
     hf_dir: str               # architecture + processor source (original HF folder)
     hf_config: object
-    load_kind: str            # "hf" | "resume" | "none"
+    load_kind: str            # "hf" | "mm" | "resume" | "none"
     load_path: str | None
     ignored_flags: list[str] = field(default_factory=list)
 
@@ -77,13 +78,16 @@ def make_plan(argv: list[str]) -> tuple[Plan, bool]:
     problems = unsupported_settings(model_cfg)
     if problems:
         raise ConfigError(f"{args.mm_model}: {problems[0]}")
+    resolve_loss_type(args, model_cfg, args.mm_model)  # contradicting loss-type settings fail here
 
     load_kind, load_path = "none", args.load
     if args.load:
         lp = Path(args.load)
         if not lp.exists():
             raise ConfigError(f"--load {args.load}: no such folder")
-        if ckpt_io.is_training_checkpoint_root(lp):
+        if is_mm_checkpoint(lp):  # MindSpeed-MM layout (mm-convert hf_to_mm): weights only
+            load_kind = "mm"
+        elif ckpt_io.is_training_checkpoint_root(lp):
             load_kind = "resume"
             meta = ckpt_io.read_trainer_state(ckpt_io.resolve_checkpoint(lp))  # fails early if `latest` points nowhere
             if not args.no_load_optim and not meta.get("has_optim", False):
@@ -177,10 +181,19 @@ class Trainer:
         # model
         init = plan.load_kind == "hf"
         hf = load_hf_model(plan.family, plan.load_path if init else None, plan.hf_config, init_weights=init)
+        if plan.load_kind == "mm":
+            load_mm_weights(plan.load_path, plan.family, hf)
         frozen = {n for n, m in plan.model_cfg.modules().items() if m.freeze}
         self.trainable = apply_freeze(hf, plan.family, frozen)
         hf.to(dist_ctx.device)
-        self.model = TrainModel(hf, plan.family)
+        self.model = TrainModel(hf, plan.family, plan.model_cfg)
+        self.loss_type = resolve_loss_type(a, plan.model_cfg, a.mm_model)
+        lc = plan.model_cfg.loss_cfg
+        self.log(f"loss       : {self.loss_type}, logits {lc.compute_mode}"
+                 + (f" (chunk {lc.chunk_size})" if lc.compute_mode != "default" else "")
+                 + (f", router aux x {lc.router_aux_loss_coef}" if lc.router_aux_loss_coef else ""))
+        for name, what in self.model.settings_report.items():
+            self.log(f"module     : {name}: " + ", ".join(f"{k} {v}" for k, v in what.items()))
         apply_fsdp(self.model, plan.family.fsdp_units(hf), dist_ctx.mesh, a.bf16)
         self.optimizer = build_optimizer(self.model, a.lr, a.weight_decay, (a.adam_beta1, a.adam_beta2),
                                          a.adam_eps, allow_empty=a.enable_dummy_optimizer)
@@ -215,28 +228,47 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- step
     def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this rank's micro-batches.
+
+        The loss of the step is ``sum_i w_i * l_i`` over every trained token of the global batch
+        (train.loss: the weights encode default / per_sample_loss / per_token_loss). Global counts
+        are taken from the labels before any forward (one all-reduce), so each micro-batch's
+        backward already carries its final weight. FSDP2 averages gradients over the DP ranks, so
+        each rank backpropagates ``world x`` its part; the router aux term is a mean over
+        micro-batches and ranks like the default loss."""
+        from omnitune.train.loss import local_counts, token_weights
+
         a, dev = self.args, self.d.device
-        model = self.model
+        model, world = self.model, self.d.world_size
+        counts = local_counts([mb["labels"] for mb in micro_batches]).to(dev)
+        if self.loss_type != "default":
+            dist.all_reduce(counts)
+        n_micro = len(micro_batches) * world
         local_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        local_aux = torch.zeros((), dtype=torch.float64, device=dev)
         local_tokens = torch.zeros((), dtype=torch.float64, device=dev)
         for i, mb in enumerate(micro_batches):
+            mb = dict(mb)
+            mb["loss_weights"] = token_weights(mb["labels"], self.loss_type, micro_batches=n_micro,
+                                               global_tokens=float(counts[0]), global_samples=float(counts[1]))
             mb = _to_device(mb, dev)
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
-                loss_sum, n, aux = model(mb)
-            # default loss type: token mean per micro-batch, then mean over grad-acc and DP
-            loss_mb = loss_sum / n.clamp(min=1)
-            (loss_mb / self.grad_acc + aux).backward()
-            local_loss += loss_mb.detach().double()
+                loss_part, _, aux = model(mb)
+            (loss_part * world + aux / len(micro_batches)).backward()
+            local_loss += loss_part.detach().double()
+            local_aux += aux.detach().double() / n_micro
             local_tokens += float(mb["attention_mask"].sum())
         grad_norm = self._clip_grad()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        stats = torch.stack([local_loss, local_tokens])
+        stats = torch.stack([local_loss, local_aux, local_tokens])
         dist.all_reduce(stats)
-        n_mb = self.grad_acc * self.d.world_size
-        return {"loss": stats[0].item() / n_mb, "tokens": stats[1].item(), "grad_norm": grad_norm}
+        out = {"loss": stats[0].item() + stats[1].item(), "tokens": stats[2].item(), "grad_norm": grad_norm}
+        if self.model.router_aux_coef:
+            out["aux_loss"] = stats[1].item()
+        return out
 
     def _clip_grad(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
