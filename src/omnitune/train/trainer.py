@@ -164,7 +164,8 @@ class Trainer:
         dl = plan.data_cfg.dataloader_param
         self.streaming = plan.data_cfg.dataset_param.basic_parameters.streaming
         self.num_workers = dl.num_workers if dl.num_workers is not None else a.num_workers  # data.json wins
-        collate = Collator(processor.tokenizer.pad_token_id)
+        collate = Collator(processor.tokenizer.pad_token_id,
+                           use_audio_in_video=plan.data_cfg.dataset_param.preprocess_parameters.use_audio_in_video)
         if self.streaming:
             from omnitune.data.streaming import build_streaming_datasets
             self.dataset, self.val_dataset = build_streaming_datasets(
