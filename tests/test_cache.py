@@ -257,15 +257,14 @@ _RACER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_two_processes_starting_at_once_build_once(tmp_path, processor, tiny_qwen2vl):
-    data_json = make_data(tmp_path)
+def _race(tmp_path: Path, data_json: Path, proc_dir: Path, tag: str) -> list[dict]:
+    """Start two processes building ``data_json`` at the same moment; return what each saw."""
     script = tmp_path / "racer.py"
     script.write_text(_RACER)
-    go = tmp_path / "go"
+    go = tmp_path / f"go_{tag}"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    outs = [tmp_path / f"out{i}.json" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script), str(data_json), str(tiny_qwen2vl), str(go), str(o)],
+    outs = [tmp_path / f"out_{tag}{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(data_json), str(proc_dir), str(go), str(o)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for o in outs]
     deadline = time.time() + 120
@@ -277,9 +276,20 @@ def test_two_processes_starting_at_once_build_once(tmp_path, processor, tiny_qwe
     for p in procs:
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0, out[-3000:]
-    results = [json.loads(o.read_text()) for o in outs]
+    return [json.loads(o.read_text()) for o in outs]
+
+
+@pytest.mark.slow
+def test_two_processes_starting_at_once_build_once(tmp_path, processor, tiny_qwen2vl):
+    data_json = make_data(tmp_path)
+    results = _race(tmp_path, data_json, tiny_qwen2vl, "a")
     assert sorted(r["calls"] for r in results) == [0, 6]  # one built, the other waited and loaded
     assert results[0]["ids"] == results[1]["ids"] and results[0]["media"] == results[1]["media"]
     left = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len([n for n in left if not n.endswith(".lock")]) == 1, left  # no temp folder left behind
     assert_same(build(data_json, processor), build(data_json, processor))
+    # overwrite_cache with ranks starting together: rebuilt once, not once per rank
+    edit_config(data_json, "basic_parameters", overwrite_cache=True)
+    results = _race(tmp_path, data_json, tiny_qwen2vl, "b")
+    assert sorted(r["calls"] for r in results) == [0, 6]
+    assert results[0]["ids"] == results[1]["ids"]

@@ -68,10 +68,10 @@ def answers(processor, batch) -> list[int]:
     return out
 
 
-def stream(data_json, processor, *, mbs=2, rank=0, size=1, workers=0, state=None):
+def stream(data_json, processor, *, mbs=2, rank=0, size=1, workers=0, state=None, shuffle=False):
     ds = StreamingSFTDataset(load_data_config(data_json), processor, 2048, micro_batch_size=mbs,
                              collate_fn=Collator(processor.tokenizer.pad_token_id), dp_rank=rank, dp_size=size,
-                             num_workers=workers)
+                             num_workers=workers, shuffle=shuffle, seed=7)
     if state is not None:
         ds.load_state_dict(state)
     return ds
@@ -147,6 +147,29 @@ def test_resume_continues_with_the_next_unseen_batch(tmp_path, processor):
         stream(data_json, processor, mbs=2, workers=0, state=state)
 
 
+def test_shuffle_windows_differ_per_pass_and_resume_exactly(tmp_path, processor, monkeypatch):
+    monkeypatch.setattr(streaming, "SHUFFLE_WINDOW", 4)  # 13 items per pass: windows 0-3, 4-7, 8-11, 12
+    data_json = make_stream_data(tmp_path)
+    orders = {}
+    for workers in (0, 2):
+        full = [a for b in take(stream(data_json, processor, mbs=1, workers=workers, shuffle=True), 26, workers)
+                for a in answers(processor, b)]
+        orders[workers] = full
+        ds = stream(data_json, processor, mbs=1, workers=workers, shuffle=True)
+        take(ds, 9, workers)
+        resumed = take(stream(data_json, processor, mbs=1, workers=workers, shuffle=True, state=ds.state_dict()),
+                       11, workers)
+        assert [a for b in resumed for a in answers(processor, b)] == full[9:20]
+    assert orders[0] == orders[2]
+    first, second = orders[0][:13], orders[0][13:]
+    for order in (first, second):
+        for lo in (0, 4, 8, 12):  # a permutation inside each window
+            assert sorted(order[lo:lo + 4]) == list(range(lo, min(lo + 4, 13)))
+    assert first != list(range(13)) and second != first
+    with pytest.raises(DataError, match=r"saved with .*'shuffle': True.* this run has .*'shuffle': False"):
+        stream(data_json, processor, mbs=1, workers=2, shuffle=False, state=ds.state_dict())
+
+
 def test_dropped_samples_are_replaced_and_no_usable_sample_is_an_error(tmp_path, processor):
     data_json = make_stream_data(tmp_path, basic={"cutoff_len": 30})  # image samples are too long: dropped
     # a worker fills its batch from its own next block: worker 0 has items 0,1 | 4,5 ..., worker 1 2,3 | 6,7 ...
@@ -160,6 +183,11 @@ def test_dropped_samples_are_replaced_and_no_usable_sample_is_an_error(tmp_path,
     ds = stream(tiny, processor, mbs=1, workers=2)  # worker 0 only ever sees sample 0: an error, not a hang
     with pytest.raises(DataError, match=r"worker 0 of 2\) got no usable sample in a whole pass"):
         take(ds, 2, 2)
+    ds = stream(tiny, processor, mbs=1, workers=2, shuffle=True)  # shuffled: worker 0 gets sample 1 at times
+    assert sorted(a for b in take(ds, 8, 2) for a in answers(processor, b)) == [1] * 8
+    nothing = make_stream_data(tmp_path, n_json=1, n_jsonl=1, basic={"cutoff_len": 5})  # every sample dropped
+    with pytest.raises(DataError, match=r"got no usable sample in a whole pass"):
+        take(stream(nothing, processor, mbs=1, workers=0, shuffle=True), 1, 0)
 
 
 def test_config_accepts_streaming_but_not_with_val_rate(tmp_path):

@@ -10,8 +10,12 @@ b belongs to DataLoader worker b % num_workers. The DataLoader takes one batch f
 turn, so it hands out the rank's items in order: the batches equal those of num_workers 0 whenever
 no sample is dropped by the length limit. A worker fills its micro-batch with its next usable
 samples (a dropped sample is replaced by the worker's next one). The number of items per pass is
-counted when iteration starts (JSONL: lines are counted, not parsed). There is no shuffling:
-streaming reads in file order (shuffle applies to map-style data).
+counted when iteration starts (JSONL: lines are counted, not parsed).
+
+Shuffle (dataloader_param.shuffle): the rank's items of a pass are shuffled inside consecutive
+windows of :data:`SHUFFLE_WINDOW` items, with a permutation drawn from (seed, pass, window start):
+positions above are then positions in the shuffled order. A different order every pass, still read
+lazily (one window of raw records in memory), and still exactly resumable.
 
 Position. Every micro-batch carries ``stream_state`` = the worker that made it and the item J it
 will read next. The trainer hands each consumed micro-batch's state back with
@@ -33,6 +37,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from omnitune.config.data import DataConfig
@@ -41,6 +46,7 @@ from omnitune.data.formats import DataError, normalize, resolve_dataset_files
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+SHUFFLE_WINDOW = 1024
 _CHUNK = 1 << 16
 
 
@@ -145,7 +151,8 @@ class StreamingSFTDataset(IterableDataset):
     """
 
     def __init__(self, cfg: DataConfig, processor, seq_length: int, *, micro_batch_size: int,
-                 collate_fn, dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0):
+                 collate_fn, dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0,
+                 shuffle: bool = False, seed: int = 1234):
         from omnitune.data.dataset import SFTDataset
 
         if not 0 <= dp_rank < dp_size or micro_batch_size < 1:
@@ -160,6 +167,7 @@ class StreamingSFTDataset(IterableDataset):
         self.num_workers = max(1, num_workers)  # 0 workers = one logical worker in the main process
         self._pos = [0] * self.num_workers
         self._batches = 0
+        self.shuffle, self.seed = shuffle, seed
 
     # -- position -----------------------------------------------------------------------------
     def advance(self, stream_state: dict) -> None:
@@ -170,17 +178,17 @@ class StreamingSFTDataset(IterableDataset):
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "micro_batch_size": self.micro_batch_size, "num_workers": self.num_workers,
-                "batches": self._batches, "workers": list(self._pos),
+                "shuffle": self.shuffle, "seed": self.seed, "batches": self._batches, "workers": list(self._pos),
                 "files": [str(f) for f in self.files]}
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
         want = {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "micro_batch_size": self.micro_batch_size,
-                "num_workers": self.num_workers}
+                "num_workers": self.num_workers, "shuffle": self.shuffle, "seed": self.seed}
         got = {k: state.get(k) for k in want}
         if state.get("format") != STATE_FORMAT or got != want:
             raise DataError(f"{source}: the streaming position was saved with {got} but this run has {want}; "
-                            f"resume with the same number of ranks, --micro-batch-size and num_workers "
-                            f"(positions are per rank and per DataLoader worker)")
+                            f"resume with the same number of ranks, --micro-batch-size, num_workers, shuffle "
+                            f"and --seed (positions are per rank and per DataLoader worker)")
         if state.get("files") != [str(f) for f in self.files]:
             raise DataError(f"{source}: the streaming position belongs to the dataset files {state.get('files')} "
                             f"but this run reads {[str(f) for f in self.files]}")
@@ -200,6 +208,31 @@ class StreamingSFTDataset(IterableDataset):
                         yield j, path, index, raw
                     j += 1
                 k += 1
+
+    def _ordered_items(self, epoch: int, start: int, per_pass: int) -> Iterator[tuple[int, Path, int, object]]:
+        """(position j, file, sample index, raw record) of one pass in training order, from
+        position ``start``: file order, or shuffled inside windows of SHUFFLE_WINDOW items."""
+        if not self.shuffle:
+            yield from self._rank_items(start)
+            return
+        size = SHUFFLE_WINDOW
+        window = []
+        for item in self._rank_items(start // size * size):
+            window.append(item)
+            if len(window) == size or item[0] == per_pass - 1:
+                base = window[0][0]
+                perm = np.random.default_rng((self.seed, epoch, base)).permutation(len(window))
+                for pos in range(max(start - base, 0), len(window)):
+                    _, path, index, raw = window[perm[pos]]
+                    yield base + pos, path, index, raw
+                window = []
+
+    def _any_usable(self) -> bool:
+        for _, path, index, raw in self._rank_items():
+            if not isinstance(self.encoder.encode_samples([normalize(parse_record(path, raw), index, path,
+                                                                     self.cfg)])[0], str):
+                return True
+        return False
 
     def items_per_pass(self) -> int:
         return sum(1 for _ in self._rank_items())
@@ -221,15 +254,19 @@ class StreamingSFTDataset(IterableDataset):
         big_j = self._pos[w]
         epoch, start = divmod(big_j, per_pass)
         while True:
-            for j, path, index, raw in self._rank_items(start):
+            for j, path, index, raw in self._ordered_items(epoch, start, per_pass):
                 big_j = epoch * per_pass + j
                 since_usable += 1
-                if since_usable > per_pass * period:  # every residue seen: nothing usable will ever come
+                # Unshuffled, the assignment repeats every per_pass x period items: past that, this worker
+                # will never get a usable sample. Shuffled, it will as long as the pass has one.
+                if since_usable > per_pass * period and (not self.shuffle or not self._any_usable()):
                     raise DataError(f"{self.cfg.source}: streaming: data-parallel rank {self.dp_rank} (DataLoader "
                                     f"worker {w} of {n_workers}) got no usable sample in a whole pass over its "
                                     f"share of the data ({drops} dropped at the length limit "
                                     f"{self.encoder.max_length}); add data, raise cutoff_len / --seq-length or "
                                     f"lower num_workers / the micro batch size")
+                if since_usable > per_pass * period:
+                    since_usable = 0
                 if (big_j // mbs) % n_workers != w:
                     continue
                 sample = normalize(parse_record(path, raw), index, path, self.cfg)
@@ -253,14 +290,15 @@ class StreamingSFTDataset(IterableDataset):
 
 
 def build_streaming_datasets(cfg: DataConfig, processor, seq_length: int, *, micro_batch_size: int,
-                             collate_fn, dp_rank: int, dp_size: int, num_workers: int):
+                             collate_fn, dp_rank: int, dp_size: int, num_workers: int, seed: int = 1234):
     """(streaming train set, map-style validation set or None). Validation with streaming comes
     from ``val_dataset`` (built map-style, capped by val_max_samples); val_rate is refused by
     config validation (a stream has no size to split)."""
     from omnitune.data.dataset import build_train_dataset
 
     train = StreamingSFTDataset(cfg, processor, seq_length, micro_batch_size=micro_batch_size,
-                                collate_fn=collate_fn, dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers)
+                                collate_fn=collate_fn, dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers,
+                                shuffle=cfg.dataloader_param.shuffle, seed=seed)
     b = cfg.dataset_param.basic_parameters
     if b.val_dataset is None:
         return train, None

@@ -125,8 +125,7 @@ def family_for_folder_and_model_id(hf_config, hf_dir, model_id: str, source: str
     except ValueError:
         family = None
     if family is not named and (family is None or model_id not in getattr(family, "legacy_model_ids", ())):
-        expected = " or ".join(c for c in (named.hf_config_class_name, named.hf_full_config_class_name) if c)
-        raise ConfigError(f"{source}: model_id {model_id!r} expects a {expected} but {hf_dir}/config.json is "
+        raise ConfigError(f"{source}: model_id {model_id!r} expects a {named.hf_config_class_name} but {hf_dir}/config.json is "
                           f"{type(hf_config).__name__}" + (f" (model_id {family.model_ids[0]!r})" if family else ""))
     return family
 
@@ -164,12 +163,13 @@ class Trainer:
         dl = plan.data_cfg.dataloader_param
         self.streaming = plan.data_cfg.dataset_param.basic_parameters.streaming
         self.num_workers = dl.num_workers if dl.num_workers is not None else a.num_workers  # data.json wins
-        collate = Collator(processor.tokenizer.pad_token_id)
+        collate = Collator(processor.tokenizer.pad_token_id,
+                           use_audio_in_video=plan.data_cfg.dataset_param.preprocess_parameters.use_audio_in_video)
         if self.streaming:
             from omnitune.data.streaming import build_streaming_datasets
             self.dataset, self.val_dataset = build_streaming_datasets(
                 plan.data_cfg, processor, a.seq_length, micro_batch_size=a.micro_batch_size, collate_fn=collate,
-                dp_rank=dist_ctx.rank, dp_size=world, num_workers=self.num_workers)
+                dp_rank=dist_ctx.rank, dp_size=world, num_workers=self.num_workers, seed=a.seed)
         else:
             self.dataset, self.val_dataset = build_datasets(plan.data_cfg, processor, a.seq_length, seed=a.seed)
         self._loader_args = dict(num_workers=self.num_workers,
