@@ -106,3 +106,14 @@ def hf_messages(messages):
             content = [{"type": "text", "text": m["content"]}]
         out.append({"role": m["role"], "content": content})
     return out
+
+
+def media_order(messages, use_audio_in_video: bool):
+    """[("audio", i) / ("video", j)] in text order: the order of the audio streams in the sequence."""
+    out, seen = [], {"<image>": 0, "<video>": 0, "<audio>": 0}
+    for m in messages:
+        for tag in _TAG.findall(m["content"]):
+            if tag == "<audio>" or (tag == "<video>" and use_audio_in_video):
+                out.append((tag[1:-1], seen[tag]))
+            seen[tag] += 1
+    return out

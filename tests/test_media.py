@@ -238,3 +238,73 @@ def test_preference_pairs_share_the_prompt_and_media(tmp_path, processor):
     with pytest.raises(DataError, match=r"sample 0: a preference .* must end with a user turn"):
         build(tmp_path, [{"conversations": prompt + [{"from": "gpt", "value": "x"}], "images": [a],
                           "chosen": "a", "rejected": "b"}], processor, attr=attr)
+
+
+@pytest.fixture(scope="module")
+def omni_processor(tiny_model_dir):
+    from transformers import AutoProcessor
+    return AutoProcessor.from_pretrained(tiny_model_dir("qwen2_5_omni"))
+
+
+def test_audio_bad_inputs(tmp_path, omni_processor):
+    import soundfile as sf
+
+    good = wav(tmp_path / "good.wav", 0.5)
+    sf.write(str(tmp_path / "empty.wav"), np.zeros(0), 16000)
+    sf.write(str(tmp_path / "empty44.wav"), np.zeros(0), 44100)
+    sf.write(str(tmp_path / "blip.wav"), np.zeros(100), 16000)
+    (tmp_path / "text.wav").write_text("not audio")
+    silent = mp4(tmp_path / "silent.mp4", 20, 10)
+    text = {"messages": _turns("q", "a")}
+    d = r"d\.json: sample 1"
+    cases = [
+        ({"audios": ["empty.wav"], "messages": _turns("<audio>q", "a")},
+         rf"{d}: audio .*empty\.wav has 0 samples at 16000 Hz, too short"),
+        ({"audios": ["empty44.wav"], "messages": _turns("<audio>q", "a")},
+         rf"{d}: audio .*empty44\.wav has 0 samples at 16000 Hz, too short"),
+        ({"audios": ["blip.wav"], "messages": _turns("<audio>q", "a")}, rf"{d}: audio .*blip\.wav has 100 samples"),
+        ({"audios": ["text.wav"], "messages": _turns("<audio>q", "a")}, rf"{d}: audio .*text\.wav cannot be read"),
+        ({"audios": ["nope.wav"], "messages": _turns("<audio>q", "a")}, rf"{d}: audio file not found: .*nope\.wav"),
+        ({"audios": [good, good], "messages": _turns("<audio>q", "a")}, rf"{d}: 1 <audio> tag\(s\) but 2 audio\(s\)"),
+        ({"audios": [good], "messages": _turns("<audio>q<audio>", "a")}, rf"{d}: 2 <audio> tag\(s\) but 1 audio\(s\)"),
+        ({"messages": _turns("<audio>q", "a")}, rf"{d}: 1 <audio> tag\(s\) but 0 audio\(s\)"),
+        ({"messages": _turns("q <|AUDIO|>", "a")}, rf"{d}: turn 0 contains the reserved token <\|AUDIO\|>"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(DataError, match=match):
+            ds = build(tmp_path, [text, bad], omni_processor, template="qwen2_omni")
+            for i in range(len(ds)):
+                ds[i]
+    with pytest.raises(DataError, match=rf"{d}: video .*silent\.mp4 has no audio track but use_audio_in_video is true"):
+        build(tmp_path, [text, {"videos": [silent], "messages": _turns("<video>q", "a")}], omni_processor,
+              template="qwen2_omni", pre={**PIX, "use_audio_in_video": True})
+    with pytest.raises(DataError, match=r"use_audio_in_video is true but template 'qwen2vl' has no audio"):
+        build(tmp_path, [text], omni_processor, pre={**PIX, "use_audio_in_video": True})
+
+
+def test_audio_at_the_end_past_cutoff_is_dropped_and_counted(tmp_path, omni_processor):
+    a = wav(tmp_path / "a.wav", 2.0)
+    long_text = " ".join(["word"] * 150)
+    samples = [{"messages": _turns(long_text + " <audio>", "ok"), "audios": [a]},
+               {"messages": _turns("<audio>short", "fine"), "audios": [a]}]
+    ds = build(tmp_path, samples, omni_processor, seq=200, template="qwen2_omni")
+    assert (len(ds), ds.num_dropped_media) == (1, 1)
+    item = ds[0]
+    assert item["input_features"].shape[0] == 1 and int((item["mm_token_type_ids"] == 3).sum()) == 50
+
+
+def test_decode_tolerates_a_header_a_frame_high_but_not_a_truncated_stream(tmp_path):
+    import dataclasses
+
+    from omnitune.data.video import decode_frames, probe_video
+
+    v = tmp_path / mp4(tmp_path / "v.mp4", 30, 10)
+    info = probe_video(str(v), "d.json: sample 3", 2.0, 128)
+    frames = decode_frames(info, "w")
+    assert frames.shape == (len(info.indices), 64, 96, 3)
+    high = dataclasses.replace(info, total_frames=31, indices=info.indices[:-1] + (30,))
+    assert np.array_equal(decode_frames(high, "w")[-1], frames[-1])  # frame 30 does not exist: the last one
+    cut = dataclasses.replace(info, total_frames=40, indices=info.indices[:-1] + (39,))
+    with pytest.raises(DataError, match=r"d\.json: sample 3: video .*v\.mp4 decodes to 30 frames but its header "
+                                        r"promises 40 \(truncated file\?\)"):
+        decode_frames(cut, "d.json: sample 3")

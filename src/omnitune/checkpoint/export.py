@@ -3,9 +3,14 @@
 Weights go through the HF class's own ``save_pretrained`` (safetensors, HF key names); the
 processor/tokenizer/chat-template files and generation config come from ``--model-assets`` (the
 original HF folder). Written to a temp folder and renamed at the end.
+
+Omni families train the thinker only; their export is a FULL folder again: the trained
+``thinker.*`` tensors plus every other tensor (talker, vocoder) copied untouched from the original
+folder, the original config.json and the family's extra files (Qwen2.5-Omni: spk_dict.pt).
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +20,7 @@ from omnitune.fsutil import atomic_dir
 # files of an HF folder that are weights or written by save_pretrained itself
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _SKIP = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_INDEX = "model.safetensors.index.json"
 
 
 def export_hf(load: str | Path, save: str | Path, model_assets: str | Path | None = None,
@@ -43,5 +49,75 @@ def export_hf(load: str | Path, save: str | Path, model_assets: str | Path | Non
         for f in sorted(assets.iterdir()):
             if f.is_file() and f.name not in _SKIP and not f.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(f, tmp / f.name)
-        model.save_pretrained(tmp)
+        for name in family.folder_extra_files:
+            if not (assets / name).is_file():
+                raise FileNotFoundError(f"--model-assets {assets}: {name} is missing; a {family.hf_full_class_name} "
+                                        f"folder needs it (copy it from the original model folder)")
+            shutil.copy2(assets / name, tmp / name)
+        if family.folder_prefix:
+            write_full_folder(model, family.folder_prefix, assets, Path(tmp))
+        else:
+            model.save_pretrained(tmp)
     return save
+
+
+def _weight_files(folder: Path) -> list[tuple[Path, list[str]]]:
+    """(safetensors file, its keys) of an HF folder, sharded or not."""
+    from safetensors import safe_open
+
+    index = folder / _INDEX
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    out = []
+    for f in files:
+        with safe_open(str(f), "pt") as s:
+            out.append((f, list(s.keys())))
+    return out
+
+
+def write_full_folder(trainable, prefix: str, original: Path, out: Path) -> None:
+    """Weights of a full Omni folder in ``out``: ``trainable`` (the thinker, saved by its own
+    save_pretrained, its keys put under ``prefix``) + every tensor of ``original`` outside ``prefix``,
+    copied bit for bit; the original config.json. Shard per source file, with an index."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    staging = out / ".trainable"
+    trainable.save_pretrained(staging)
+    # (file, {name in that file: name in the full folder}); the thinker saved on its own names its
+    # tensors without the prefix (or with it, when loaded from a full folder): add it where missing
+    sources: list[tuple[Path, dict[str, str]]] = []
+    for f, keys in _weight_files(staging):
+        sources.append((f, {k: k if k.startswith(prefix) else prefix + k for k in keys}))
+    trained = {v for _, names in sources for v in names.values()}
+    original_keys = set()
+    for f, keys in _weight_files(original):
+        original_keys |= {k for k in keys if k.startswith(prefix)}
+        rest = [k for k in keys if not k.startswith(prefix)]
+        if rest:
+            sources.append((f, {k: k for k in rest}))
+    if trained != original_keys:
+        diff = sorted(trained ^ original_keys)
+        raise RuntimeError(f"the trained {prefix.rstrip('.')} and {original} disagree on {len(diff)} tensor names, "
+                           f"e.g. {diff[:3]}: is --model-assets the folder training started from?")
+    weight_map, total = {}, 0
+    n = len(sources)
+    for i, (f, names) in enumerate(sources, start=1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        with safe_open(str(f), "pt") as s:
+            tensors = {new: s.get_tensor(old) for old, new in names.items()}
+            meta = s.metadata() or {}
+        save_file(tensors, str(out / name), metadata={"format": meta.get("format", "pt")})
+        for k, t in tensors.items():
+            weight_map[k] = name
+            total += t.numel() * t.element_size()
+        del tensors
+    (out / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                         indent=2, sort_keys=True))
+    shutil.copy2(original / "config.json", out / "config.json")
+    shutil.rmtree(staging)

@@ -67,7 +67,8 @@ def _read_video_track(path: str, where: str) -> tuple[np.ndarray, int]:
             chunks = [f.to_ndarray() for frame in container.decode(stream) for f in planar.resample(frame)]
             chunks += [f.to_ndarray() for f in planar.resample(None)]
     except av.error.FFmpegError as e:
-        raise DataError(f"{where}: the audio track of video {p} cannot be decoded ({e}); replace or remove it") from None
+        raise DataError(f"{where}: the audio track of video {p} cannot be decoded ({e}); "
+                        f"replace or remove it") from None
     if not chunks:
         return np.zeros(0, np.float32), rate
     return np.concatenate(chunks, axis=1).astype(np.float32).mean(axis=0), rate
@@ -103,34 +104,41 @@ def audio_length(path: str, where: str, rate: int, from_video: bool = False) -> 
     return len(load_audio(path, where, rate, from_video))
 
 
-def feature_frames(n_samples: int, feature_extractor, pad_to_max: bool) -> int:
-    """Valid log-mel frames the Whisper extractor gives for ``n_samples`` samples: padded to its
-    30 s window (``pad_to_max``, which also truncates) or to the audio's own length."""
+def feature_frames(lengths: list[int], feature_extractor, pad_to_max: bool) -> list[int]:
+    """Valid log-mel frames the Whisper extractor gives each of a sample's audios (``lengths`` in
+    samples) when they are extracted together, as the HF Omni processors do: padded to the 30 s /
+    300 s window (``pad_to_max``, Qwen2.5-Omni; longer audio is cut to it) or to the longest audio
+    (Qwen3-Omni), in which case a shorter audio's count is rounded up and the longest's down."""
     hop = feature_extractor.hop_length
     if pad_to_max:
-        return -(-min(n_samples, feature_extractor.n_samples) // hop)
-    return n_samples // hop
+        return [-(-min(n, feature_extractor.n_samples) // hop) for n in lengths]
+    longest = max(lengths) // hop
+    return [min(-(-n // hop), longest) for n in lengths]
 
 
 def audio_features(waves: list[np.ndarray], feature_extractor, pad_to_max: bool) -> tuple:
-    """(input_features [n, mels, frames] float32 padded with zeros to the longest, feature_attention_mask
-    [n, frames] long) for the waveforms, each computed the way the family's HF processor does."""
+    """(input_features [n, mels, frames] float32, feature_attention_mask [n, frames] long) of a
+    sample's audios, extracted in one call as the family's HF processor does, each cut to its
+    valid frames and zero-padded to the longest (padding is masked)."""
     import torch
 
-    feats = []
-    for w in waves:
-        kw = dict(padding="max_length") if pad_to_max else dict(padding=True, truncation=False)
-        out = feature_extractor([w], sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True,
-                                return_tensors="pt", **kw)
-        n = feature_frames(len(w), feature_extractor, pad_to_max)
-        if int(out["attention_mask"].sum()) != n:  # the build-time token count relied on n
-            raise RuntimeError(f"feature extractor gave {int(out['attention_mask'].sum())} frames for {len(w)} "
-                               f"samples, expected {n}")
-        feats.append(out["input_features"][0, :, :n])
-    longest = max(f.shape[1] for f in feats)
-    x = torch.zeros(len(feats), feats[0].shape[0], longest, dtype=torch.float32)
-    mask = torch.zeros(len(feats), longest, dtype=torch.long)
-    for i, f in enumerate(feats):
-        x[i, :, :f.shape[1]] = f
-        mask[i, :f.shape[1]] = 1
-    return x, mask
+    n = feature_frames([len(w) for w in waves], feature_extractor, pad_to_max)
+    if pad_to_max:
+        # Padding to the extractor's full window (300 s for Qwen2.5-Omni) only appends silent frames:
+        # the valid frames see at most n_fft/2 samples past the audio and the log-mel floor (max - 8)
+        # comes from the audio, so zero-padding by one window past the longest gives the same frames.
+        waves = [w[:feature_extractor.n_samples] for w in waves]
+        width = max(len(w) for w in waves) + feature_extractor.n_fft
+        waves = [np.pad(w, (0, width - len(w))) for w in waves]
+    out = feature_extractor(waves, sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True,
+                            return_tensors="pt", padding=True, truncation=False)
+    got = out["attention_mask"].sum(-1).tolist()
+    if not pad_to_max and got != n:  # the build-time token counts relied on n
+        raise RuntimeError(f"feature extractor gave {got} frames, expected {n}")
+    longest = max(n)
+    x = out["input_features"][:, :, :longest].clone()
+    mask = torch.zeros(len(waves), longest, dtype=torch.long)
+    for i, k in enumerate(n):
+        x[i, :, k:] = 0
+        mask[i, :k] = 1
+    return x.float(), mask

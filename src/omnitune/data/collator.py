@@ -24,10 +24,15 @@ class Collator:
     Preference items (chosen_* / rejected_* sequences) become 2B rows: the B chosen sequences, then
     the B rejected ones, with each item's media repeated for its rejected row (row k and row B+k
     share the prompt and the media).
+
+    ``use_audio_in_video`` (data.json preprocess_parameters): the batch then carries
+    ``use_audio_in_video=True`` when it has videos, which the Omni models need to place the
+    interleaved audio and video positions.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, use_audio_in_video: bool = False):
         self.pad_token_id = pad_token_id
+        self.use_audio_in_video = use_audio_in_video
 
     def __call__(self, items: list[dict]) -> dict:
         if items and "chosen_input_ids" in items[0]:
@@ -62,4 +67,6 @@ class Collator:
                 mask[k:k + len(f), :m.shape[-1]] = m
                 k += len(f)
             batch["input_features"], batch["feature_attention_mask"] = x, mask
+        if self.use_audio_in_video and "pixel_values_videos" in batch:
+            batch["use_audio_in_video"] = True
         return batch

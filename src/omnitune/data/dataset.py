@@ -16,6 +16,7 @@ media cannot train). Samples left with no trained token are dropped too. Both ar
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset, Subset
 
 from omnitune.config.data import DataConfig
 from omnitune.data.audio import audio_features, audio_length, feature_frames, load_audio
-from omnitune.data.formats import DataError, load_samples
+from omnitune.data.formats import DataError
 from omnitune.data.media import image_grid, load_images
 from omnitune.data.templates import (IGNORE_INDEX, KINDS, audio_token_count, encode, expand_audio, expand_image,
                                      expand_video, get_template, place_media_tags, render)
@@ -54,6 +55,18 @@ class MediaMeta(NamedTuple):
     def has_media(self) -> bool:
         return bool(self.images or self.videos or self.audios)
 
+    def to_json(self) -> dict:
+        d = self._asdict()
+        d["videos"] = [dataclasses.asdict(v) for v in self.videos]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MediaMeta":
+        def tup(x):
+            return tuple(tup(v) for v in x) if isinstance(x, list) else x
+        videos = tuple(VideoInfo(**{k: tup(v) for k, v in info.items()}) for info in d["videos"])
+        return cls(**{k: (videos if k == "videos" else tup(v)) for k, v in d.items()})
+
 
 class SampleEncoder:
     """Per-sample encoding for one data.json + HF processor.
@@ -68,6 +81,7 @@ class SampleEncoder:
         self.cfg, self.processor = cfg, processor
         self.template = t = get_template(bp.template)
         self.train_on_prompt, self.mask_history = bp.train_on_prompt, bp.mask_history
+        self.enable_thinking = bp.enable_thinking
         self.ranking = cfg.dataset_param.attr.ranking
         self.tokenizer = tok = processor.tokenizer
         self.image_processor = getattr(processor, "image_processor", None)
@@ -84,8 +98,19 @@ class SampleEncoder:
             raise DataError(f"{cfg.source}: preprocess_parameters.audio_sampling_rate {pp.audio_sampling_rate} differs "
                             f"from the processor's feature extractor rate {self.feature_extractor.sampling_rate}")
         self.audio_rate = pp.audio_sampling_rate
+        self.position_id_per_seconds = getattr(processor, "position_id_per_seconds", 25)
+        self.seconds_per_chunk = getattr(processor, "seconds_per_chunk", 2.0)
         names = set(getattr(processor, "model_input_names", ()))
         self.video_time_key = next((k for k in ("second_per_grid_ts", "video_second_per_grid") if k in names), None)
+        unknown = [x for x in t.reserved_tokens if tok.convert_tokens_to_ids(x) in (None, tok.unk_token_id)]
+        mismatched = [(kind, getattr(processor, f"{kind}_token"), t.media(kind).pad) for kind in KINDS
+                      if t.media(kind) is not None and getattr(processor, f"{kind}_token", None) not in
+                      (None, t.media(kind).pad)]
+        if unknown or mismatched:
+            found = ", ".join([f"{x} is not a token of its tokenizer" for x in unknown] +
+                              [f"its {k} token is {a}, the template's {b}" for k, a, b in mismatched])
+            raise DataError(f"{cfg.source}: basic_parameters.template {bp.template!r} does not fit the model's "
+                            f"processor ({found}); use the template of that model family")
         types = {}
         for code, kind in enumerate(KINDS, start=1):
             if t.media(kind) is not None:
@@ -105,13 +130,16 @@ class SampleEncoder:
                             f"that reads {kind}s (preprocess_parameters.model_name_or_path)")
         return obj
 
-    def _audio_tokens(self, n_samples: int, where: str, what: str) -> int:
+    def _audio_tokens(self, lengths: list[int], whats: list[str], where: str) -> list[int]:
+        """Audio token counts of a sample's audios (all extracted together, see audio.feature_frames)."""
         t = self.template
         fe = self._need("feature_extractor", "audio", where)
-        n = audio_token_count(t.audio_rule, feature_frames(n_samples, fe, t.audio_rule == "qwen2_omni"))
-        if n < 1:
-            raise DataError(f"{where}: {what} is too short ({n_samples} samples) to give an audio token")
-        return n
+        counts = [audio_token_count(t.audio_rule, f)
+                  for f in feature_frames(lengths, fe, t.audio_rule == "qwen2_omni")]
+        for n, n_samples, what in zip(counts, lengths, whats):
+            if n < 1:
+                raise DataError(f"{where}: {what} is too short ({n_samples} samples) to give an audio token")
+        return counts
 
     def prepare(self, s: dict) -> tuple[list[dict], dict, MediaMeta]:
         """Check a normalized sample's media, size them and expand its placeholders.
@@ -134,27 +162,14 @@ class SampleEncoder:
                 g = image_grid(p, where, ip, self.min_pixels, self.max_pixels)
                 image_grids.append(g)
                 exp["image"].append(expand_image(t, g, ip.merge_size))
-        infos, video_grids, video_audio = [], [], []
+        infos, video_grids = [], []
         if videos:
             vp = self._need("video_processor", "video", where)
             for p in videos:
                 info = probe_video(p, where, self.video_fps, self.video_maxlen)
-                g = video_grid(info, where, vp, self.video_min_pixels, self.video_max_pixels, t.video_pixels_per)
-                n_audio = None
-                if self.use_audio_in_video:
-                    n_samples = audio_length(p, where, self.audio_rate, from_video=True)
-                    video_audio.append(n_samples)
-                    n_audio = self._audio_tokens(n_samples, where, f"the audio track of video {p}")
                 infos.append(info)
-                video_grids.append(g)
-                exp["video"].append(expand_video(
-                    t, g, vp.merge_size, indices=info.indices, fps=info.fps, temporal_patch_size=vp.temporal_patch_size,
-                    second_per_grid=vp.temporal_patch_size / info.sample_fps, audio_tokens=n_audio))
-        audio_samples = []
-        for p in audios:
-            n_samples = audio_length(p, where, self.audio_rate)
-            audio_samples.append(n_samples)
-            exp["audio"].append(expand_audio(t, self._audio_tokens(n_samples, where, f"audio {p}")))
+                video_grids.append(video_grid(info, where, vp, self.video_min_pixels, self.video_max_pixels,
+                                              t.video_pixels_per))
         order, seen = [], {"image": 0, "video": 0, "audio": 0}
         for m in messages:
             for tag in self._tag_re.findall(m["content"]):
@@ -162,6 +177,22 @@ class SampleEncoder:
                 if kind == "audio" or (kind == "video" and self.use_audio_in_video):
                     order.append((kind, seen[kind]))
                 seen[kind] += 1
+        audio_samples = [audio_length(p, where, self.audio_rate) for p in audios]
+        video_audio = [audio_length(p, where, self.audio_rate, from_video=True) for p in videos] \
+            if self.use_audio_in_video else []
+        tokens = {}
+        if order:
+            lengths = [audio_samples[i] if k == "audio" else video_audio[i] for k, i in order]
+            whats = [f"audio {audios[i]}" if k == "audio" else f"the audio track of video {videos[i]}"
+                     for k, i in order]
+            tokens = dict(zip(order, self._audio_tokens(lengths, whats, where)))
+        for j, (info, g) in enumerate(zip(infos, video_grids)):
+            vp = self.video_processor
+            exp["video"].append(expand_video(
+                t, g, vp.merge_size, indices=info.indices, fps=info.fps, temporal_patch_size=vp.temporal_patch_size,
+                second_per_grid=vp.temporal_patch_size / info.sample_fps, audio_tokens=tokens.get(("video", j)),
+                position_id_per_seconds=self.position_id_per_seconds, seconds_per_chunk=self.seconds_per_chunk))
+        exp["audio"] = [expand_audio(t, tokens[("audio", i)]) for i in range(len(audios))]
         meta = MediaMeta(where, tuple(images), tuple(image_grids), tuple(infos), tuple(video_grids), tuple(audios),
                          tuple(audio_samples), tuple(video_audio), tuple(order))
         return messages, exp, meta
@@ -174,10 +205,11 @@ class SampleEncoder:
             if "chosen" in s:
                 for answer in (s["chosen"], s["rejected"]):
                     rendered.append(render(self.template, messages + [{"role": "assistant", "content": answer}],
-                                           exp, self.train_on_prompt, self.mask_history))
+                                           exp, self.train_on_prompt, self.mask_history, self.enable_thinking))
                 pairs.append(True)
             else:
-                rendered.append(render(self.template, messages, exp, self.train_on_prompt, self.mask_history))
+                rendered.append(render(self.template, messages, exp, self.train_on_prompt, self.mask_history,
+                                       self.enable_thinking))
                 pairs.append(False)
             metas.append(meta)
         encoded = iter(encode(self.tokenizer, rendered))
@@ -247,70 +279,82 @@ class SFTDataset(Dataset):
     build counts ``num_truncated``, ``num_dropped_media``, ``num_dropped_untrained``.
     """
 
-    def __init__(self, cfg: DataConfig, processor, seq_length: int):
+    def __init__(self, cfg: DataConfig, processor, seq_length: int, *, build: bool = True):
         bp = cfg.dataset_param.basic_parameters
+        self.cfg = cfg
         self.encoder = enc = SampleEncoder(cfg, processor)
         self.template = enc.template
         self.paired = enc.ranking
         self._media_token_ids = enc.media_token_ids
         self.max_length = min(seq_length, bp.cutoff_len or seq_length)
         self.num_truncated = self.num_dropped_media = self.num_dropped_untrained = 0
+        if not build:  # an encoder only (streaming: omnitune.data.streaming)
+            return
 
-        samples = load_samples(cfg)
-        ids_parts, label_parts = [], []
-        self.media: list[MediaMeta] = []
-        for start in range(0, len(samples), bp.preprocessing_batch_size):
-            for enc_sample in enc.encode(samples[start:start + bp.preprocessing_batch_size]):
-                seqs, meta = enc_sample[:-1], enc_sample[-1]
-                if not self.paired:
-                    seqs = (seqs,)
-                fitted = [self._fit(ids.astype(np.int32), labels.astype(np.int32)) for ids, labels in seqs]
-                if any(ids is None for ids, _ in fitted):
-                    continue
-                for ids, labels in fitted:
-                    ids_parts.append(ids)
-                    label_parts.append(labels)
-                self.media.append(meta)
+        # Build (or reuse the cache_dir entry): see omnitune.data.cache.
+        from omnitune.data.cache import build_or_load
+        state = build_or_load(self, cfg, processor)
+        self.input_ids, self.labels, self.offsets = state.input_ids, state.labels, state.offsets
+        self.media: list[MediaMeta] = state.media
+        self.num_truncated, self.num_dropped_media, self.num_dropped_untrained = state.counts
         if not self.media:
-            raise DataError(f"{cfg.source}: no usable sample out of {len(samples)}: "
+            raise DataError(f"{cfg.source}: no usable sample out of {state.num_samples}: "
                             f"{self.num_dropped_media} would have media cut at the length limit "
                             f"{self.max_length}, {self.num_dropped_untrained} have no trained token")
-        self.input_ids = np.concatenate(ids_parts)
-        self.labels = np.concatenate(label_parts)
-        self.offsets = np.cumsum([0] + [len(x) for x in ids_parts])
+
+    def encode_samples(self, samples: list[dict]) -> list:
+        """Encode normalized samples (one tokenizer call). Per sample: (sequences, truncated, meta)
+        with sequences = [(ids int32, labels int32)] (preference pairs: chosen, rejected), or the drop
+        reason "media" / "untrained". Pure: no state changes, so it can run in worker processes
+        (omnitune.data.cache)."""
+        out = []
+        for enc_sample in self.encoder.encode(samples):
+            seqs, meta = enc_sample[:-1], enc_sample[-1]
+            if not self.paired:
+                seqs = (seqs,)
+            fitted = [self._fit(ids.astype(np.int32), labels.astype(np.int32)) for ids, labels in seqs]
+            reason = next((f for f in fitted if isinstance(f, str)), None)
+            if reason is not None:
+                out.append(reason)
+            else:
+                out.append(([(ids, labels) for ids, labels, _ in fitted], any(cut for *_, cut in fitted), meta))
+        return out
 
     def _fit(self, ids: np.ndarray, labels: np.ndarray):
-        """Apply the length limit; (None, None) when the sample must be dropped."""
+        """Apply the length limit: (ids, labels, truncated), or the drop reason "media" / "untrained"."""
         cut = len(ids) > self.max_length
         if cut and np.isin(ids[self.max_length:], self._media_token_ids).any():
-            self.num_dropped_media += 1
-            return None, None
+            return "media"
         ids, labels = ids[:self.max_length], labels[:self.max_length]
         if (labels[1:] == IGNORE_INDEX).all():  # position 0 is never a prediction target
-            self.num_dropped_untrained += 1
-            return None, None
-        self.num_truncated += cut
-        return ids, labels
+            return "untrained"
+        return ids, labels, cut
 
     def __len__(self) -> int:
         return len(self.media)
 
-    def _sequence(self, k: int) -> dict:
-        lo, hi = self.offsets[k], self.offsets[k + 1]
-        ids = torch.from_numpy(self.input_ids[lo:hi].astype(np.int64))
+    def _sequence(self, ids: np.ndarray, labels: np.ndarray) -> dict:
+        ids = torch.from_numpy(np.asarray(ids).astype(np.int64))
         return {"input_ids": ids,
-                "labels": torch.from_numpy(self.labels[lo:hi].astype(np.int64)),
+                "labels": torch.from_numpy(np.asarray(labels).astype(np.int64)),
                 "attention_mask": torch.ones_like(ids),
                 "mm_token_type_ids": self.encoder.token_types(ids)}
 
-    def __getitem__(self, i: int) -> dict:
+    def make_item(self, seqs: list, meta: MediaMeta) -> dict:
+        """The training item of one encoded sample: tensors of its sequence(s) + its decoded media."""
         if self.paired:
-            item = {f"{side}_{k}": v for j, side in enumerate(("chosen", "rejected"))
-                    for k, v in self._sequence(2 * i + j).items()}
+            item = {f"{side}_{k}": v for (ids, labels), side in zip(seqs, ("chosen", "rejected"))
+                    for k, v in self._sequence(ids, labels).items()}
         else:
-            item = self._sequence(i)
-        item.update(self.encoder.media(self.media[i]))
+            item = self._sequence(*seqs[0])
+        item.update(self.encoder.media(meta))
         return item
+
+    def __getitem__(self, i: int) -> dict:
+        n = 2 if self.paired else 1
+        seqs = [(self.input_ids[self.offsets[k]:self.offsets[k + 1]], self.labels[self.offsets[k]:self.offsets[k + 1]])
+                for k in range(n * i, n * i + n)]
+        return self.make_item(seqs, self.media[i])
 
 
 def build_train_dataset(data_cfg: DataConfig, processor, seq_length: int) -> SFTDataset:

@@ -50,12 +50,14 @@ class Template:
     video_pixels_per: str = "frame"
     # Audio feature and token count: None (no audio), "qwen2_omni" (30 s Whisper window) or "qwen3_omni".
     audio_rule: str | None = None
-    # use_audio_in_video: "chunked" (Qwen2.5-Omni: 2 s chunks of video then audio tokens) or
-    # "interleaved" (Qwen3-Omni: token by token in time order). None: not supported.
+    # use_audio_in_video: "chunked" (Qwen2.5-Omni: per seconds_per_chunk, the chunk's video tokens then
+    # its audio tokens) or "interleaved" (Qwen3-Omni: token by token in time order). None: unsupported.
     audio_in_video: str | None = None
-    position_id_per_seconds: float = 25.0
-    seconds_per_chunk: float = 2.0
-    default_video_fps: float = 2.0   # what the HF Omni processor assumes when no fps is passed
+    # Reasoning template (Qwen3 *_think): enable_thinking false -> an empty thought closes every prompt
+    # (untrained) and thoughts are removed from answers; true -> answers without a thought get the
+    # empty thought (trained). As LLaMA-Factory / MindSpeed-MM's ReasoningTemplate.
+    reasoning: bool = False
+    thought: tuple[str, str] = ("<think>\n", "\n</think>\n\n")
 
     def media(self, kind: str) -> MediaTokens | None:
         return getattr(self, kind)
@@ -72,13 +74,28 @@ _CHATML = dict(
     assistant="{content}<|im_end|>\n",
 )
 
+_VISION = dict(image=MediaTokens("<image>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+               video=MediaTokens("<video>", "<|vision_start|>", "<|video_pad|>", "<|vision_end|>"))
+_QWEN3_VL = dict(**_CHATML, **_VISION, default_system=None, video_layout="frames", video_pixels_per="clip")
+_QWEN2_OMNI = dict(
+    **_CHATML, default_system="You are a helpful assistant.",
+    image=MediaTokens("<image>", "<|vision_bos|>", "<|IMAGE|>", "<|vision_eos|>"),
+    video=MediaTokens("<video>", "<|vision_bos|>", "<|VIDEO|>", "<|vision_eos|>"),
+    audio=MediaTokens("<audio>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"),
+    audio_rule="qwen2_omni", audio_in_video="chunked")
+_QWEN3_OMNI = dict(**_CHATML, **_VISION, default_system=None,
+                   audio=MediaTokens("<audio>", "<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"),
+                   audio_rule="qwen3_omni", audio_in_video="interleaved")
+
+# Each entry renders exactly as the family's real chat template (models/<family>/spec.py) + its HF
+# processor; the reasoning variants add the empty thought as described on Template.reasoning.
 TEMPLATES: dict[str, Template] = {
-    "qwen2vl": Template(
-        **_CHATML,
-        default_system="You are a helpful assistant.",
-        image=MediaTokens("<image>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
-        video=MediaTokens("<video>", "<|vision_start|>", "<|video_pad|>", "<|vision_end|>"),
-    ),
+    "qwen2vl": Template(**_CHATML, **_VISION, default_system="You are a helpful assistant."),
+    "qwen2_omni": Template(**_QWEN2_OMNI),
+    "qwen3_vl": Template(**_QWEN3_VL, reasoning=True),
+    "qwen3_vl_nothink": Template(**_QWEN3_VL),
+    "qwen3_omni": Template(**_QWEN3_OMNI, reasoning=True),
+    "qwen3_omni_nothink": Template(**_QWEN3_OMNI),
 }
 
 
@@ -133,18 +150,20 @@ def _chunks(positions: np.ndarray, per_chunk: int) -> list[int]:
 
 def expand_video(t: Template, grid: tuple[int, int, int], merge: int, *, indices=(), fps: float = 1.0,
                  temporal_patch_size: int = 2, second_per_grid: float = 1.0,
-                 audio_tokens: int | None = None) -> str:
+                 audio_tokens: int | None = None, position_id_per_seconds: float = 25.0,
+                 seconds_per_chunk: float = 2.0) -> str:
     """The text a video placeholder becomes. ``audio_tokens`` (use_audio_in_video) interleaves the
-    video's own audio tokens with its frames in time order, as the family's Omni processor does."""
+    video's own audio tokens with its frames in time order, as the family's Omni processor does
+    (``position_id_per_seconds`` / ``seconds_per_chunk``: the processor's)."""
     v = t.video
     tt, h, w = grid
     per_step = h * w // merge ** 2
     if audio_tokens is not None:
         a = t.audio
-        video_pos = np.repeat(np.arange(tt) * second_per_grid * t.position_id_per_seconds, per_step)
+        video_pos = np.repeat(np.arange(tt) * second_per_grid * position_id_per_seconds, per_step)
         body = a.start
         if t.audio_in_video == "chunked":
-            per_chunk = int(t.position_id_per_seconds * t.seconds_per_chunk)
+            per_chunk = int(position_id_per_seconds * seconds_per_chunk)
             vs, as_ = _chunks(video_pos, per_chunk), _chunks(np.arange(audio_tokens), per_chunk)
             for j in range(max(len(vs), len(as_))):
                 body += v.pad * (vs[j] if j < len(vs) else 0) + a.pad * (as_[j] if j < len(as_) else 0)
@@ -225,12 +244,18 @@ def _placeholder_re(template: Template) -> re.Pattern:
     return re.compile("|".join(re.escape(p) for p in phs))
 
 
+def remove_thought(template: Template, text: str) -> str:
+    start, end = template.thought
+    return re.sub(re.escape(start) + "(.*?)" + re.escape(end), "", text, flags=re.DOTALL).lstrip("\n")
+
+
 def render(template: Template, messages: list[dict], expansions, train_on_prompt: bool = False,
-           mask_history: bool = False) -> list[tuple[str, bool]]:
+           mask_history: bool = False, enable_thinking: bool | None = None) -> list[tuple[str, bool]]:
     """The conversation as (text, trained) segments, media placeholders expanded in order.
 
     ``expansions``: {kind: [expanded text of each media of that kind, in order]}; a plain list is
-    read as image pad-token counts (the images-only form)."""
+    read as image pad-token counts (the images-only form). ``enable_thinking`` (reasoning templates
+    only; None means true): see :attr:`Template.reasoning`."""
     if not isinstance(expansions, dict):
         expansions = {"image": [template.image.start + template.image.pad * n + template.image.end
                                 for n in expansions]}
@@ -246,12 +271,23 @@ def render(template: Template, messages: list[dict], expansions, train_on_prompt
     segments = []
     if system is not None:
         segments.append((template.system.format(content=system), train_on_prompt))
+    thinking = enable_thinking is not False
+    empty_thought = "".join(template.thought)
     n_turns = len(msgs) // 2
     for k in range(n_turns):
-        user, answer = msgs[2 * k], msgs[2 * k + 1]
-        segments.append((template.user.format(content=expand(user["content"])), train_on_prompt))
+        user, answer = msgs[2 * k], msgs[2 * k + 1]["content"]
+        prompt = template.user.format(content=expand(user["content"]))
+        if template.reasoning:
+            if not thinking:
+                answer = remove_thought(template, answer)
+            if template.thought[0].strip() not in answer and template.thought[1].strip() not in answer:
+                if thinking:
+                    answer = empty_thought + answer
+                else:
+                    prompt += empty_thought
+        segments.append((prompt, train_on_prompt))
         trained = not mask_history or k == n_turns - 1
-        segments.append((template.assistant.format(content=answer["content"]), trained))
+        segments.append((template.assistant.format(content=answer), trained))
     return segments
 
 

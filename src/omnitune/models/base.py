@@ -35,14 +35,13 @@ class ModelFamily:
     name: str = ""
     #: default data template
     template: str = ""
-    #: transformers class name of the trainable model
+    #: transformers class name of the trainable model (Omni: the thinker)
     hf_class_name: str = ""
-    #: transformers config class name
+    #: transformers class name of the config.json in this family's HF folders (Omni: the full model's)
     hf_config_class_name: str = ""
     #: Omni: transformers class of the FULL model (thinker + talker + vocoder) that HF folders hold;
     #: "" when the folder holds the trainable model itself
     hf_full_class_name: str = ""
-    hf_full_config_class_name: str = ""
     #: Omni: key prefix of the trainable part inside the full folder ("thinker."), else ""
     folder_prefix: str = ""
 
@@ -54,6 +53,33 @@ class ModelFamily:
     def config_class(self):
         import transformers
         return getattr(transformers, self.hf_config_class_name)
+
+    def trainable_config(self, config):
+        """The trainable model's config from a folder's config (Omni: ``thinker_config``)."""
+        return config
+
+    #: files of an HF folder besides config/weights/processor that export carries over untouched
+    folder_extra_files: tuple[str, ...] = ()
+
+    def load_pretrained(self, hf_dir, dtype=torch.float32) -> nn.Module:
+        """The trainable model with its weights from an HF folder. Omni: only the thinker is built and
+        only the ``thinker.*`` tensors are read from the full folder (talker/vocoder stay on disk)."""
+        cls = self.model_class()
+        if not self.folder_prefix:
+            return cls.from_pretrained(hf_dir, dtype=dtype)
+        import re
+
+        from transformers import AutoConfig
+
+        config = self.trainable_config(AutoConfig.from_pretrained(hf_dir, trust_remote_code=False))
+        model, info = cls.from_pretrained(hf_dir, config=config, dtype=dtype, output_loading_info=True,
+                                          key_mapping={"^" + re.escape(self.folder_prefix): ""})
+        if info["missing_keys"] or info["mismatched_keys"]:
+            bad = sorted(info["missing_keys"]) + [str(m) for m in info["mismatched_keys"]]
+            raise ValueError(f"{hf_dir}: the {self.folder_prefix.rstrip('.')} weights are incomplete or of the "
+                             f"wrong shape ({len(bad)} tensors, e.g. {bad[:3]}); is this a {self.hf_full_class_name} "
+                             f"folder of this model size?")
+        return model
 
     def folder_class(self):
         """transformers class of what an HF folder of this family holds (the full Omni model)."""
@@ -89,6 +115,11 @@ class ModelFamily:
     def vision_tower(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def unused_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters the HF forward never uses (they would never get a gradient, hence no optimizer
+        state, which breaks optimizer-state save/load): frozen at load, kept as they are on export."""
+        return []
+
     def audio_tower(self, model: nn.Module) -> nn.Module | None:
         """The audio encoder (Omni), None for families without audio."""
         return None
@@ -114,54 +145,96 @@ class ModelFamily:
         grid = torch.tensor([[1, merge, merge]], device=device)
         return torch.zeros(merge * merge, dim, device=device, dtype=dtype), grid
 
-    def forward_hidden(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the backbone on a collated batch; return (last hidden states [B,S,H], aux) where aux
-        is a scalar to add to the loss (0 x dummy vision output when the batch has no media).
+    def dummy_audio_inputs(self, model: nn.Module, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Smallest audio input (one window of mel frames) for micro-batches without audio."""
+        ac = self.audio_tower(model).config
+        frames = 2 * ac.n_window
+        return (torch.zeros(1, ac.num_mel_bins, frames, device=device, dtype=dtype),
+                torch.ones(1, frames, device=device, dtype=torch.long))
 
-        The vision tower is called exactly once per micro-batch on every rank (images and videos
-        concatenated, or a dummy), so FSDP collectives line up across ranks whatever the data.
-        """
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
+    @staticmethod
+    def _output_sum(out) -> torch.Tensor:
+        """Sum of every feature tensor a vision/audio tower returned (pooled + DeepStack levels)."""
+        total = out.pooler_output.sum() if getattr(out, "pooler_output", None) is not None \
+            else out.last_hidden_state.sum()
+        for f in getattr(out, "deepstack_features", None) or ():
+            total = total + f.sum()
+        return total
 
-        inner = model.model
+    def encode_vision(self, model: nn.Module, batch: dict) -> tuple[dict | None, torch.Tensor | None]:
+        """Run the vision tower exactly once on all images and videos of the micro-batch (or on a
+        dummy). Returns (``mm_encoder_outputs`` for the HF model or None, aux term or None)."""
         visual = self.vision_tower(model)
         pv, pvv = batch.get("pixel_values"), batch.get("pixel_values_videos")
         igrid, vgrid = batch.get("image_grid_thw"), batch.get("video_grid_thw")
-        aux = None
-        mm = {}
+        vdtype = next(visual.parameters()).dtype
         parts, grids = [], []
         if pv is not None:
             parts.append(pv); grids.append(igrid)
         if pvv is not None:
             parts.append(pvv); grids.append(vgrid)
-        vdtype = next(visual.parameters()).dtype
-        if parts:
-            out = visual(torch.cat(parts).to(vdtype), grid_thw=torch.cat(grids))
-            feats = out.pooler_output
-            merge2 = visual.spatial_merge_size ** 2
-            n_img = int(igrid.prod(-1).sum()) // merge2 if pv is not None else 0
-            if pv is not None:
-                sizes = (igrid.prod(-1) // merge2).tolist()
-                mm["image"] = BaseModelOutputWithPooling(pooler_output=torch.split(feats[:n_img], sizes))
-            if pvv is not None:
-                sizes = (vgrid.prod(-1) // merge2).tolist()
-                mm["video"] = BaseModelOutputWithPooling(pooler_output=torch.split(feats[n_img:], sizes))
-        else:
+        if not parts:
             dpix, dgrid = self.dummy_vision_inputs(model, batch["input_ids"].device, vdtype)
-            out = visual(dpix, grid_thw=dgrid)
-            aux = out.pooler_output.sum() * 0.0
-        outputs = inner(
+            return None, self._output_sum(visual(dpix, grid_thw=dgrid)) * 0.0
+        out = visual(torch.cat(parts).to(vdtype), grid_thw=torch.cat(grids))
+        merge2 = visual.spatial_merge_size ** 2
+        n_img = int(igrid.prod(-1).sum()) // merge2 if pv is not None else 0
+        deep = getattr(out, "deepstack_features", None)
+        mm = {}
+        for key, grid, lo, hi in (("image", igrid if pv is not None else None, 0, n_img),
+                                  ("video", vgrid if pvv is not None else None, n_img, None)):
+            if grid is None:
+                continue
+            sizes = (grid.prod(-1) // merge2).tolist()
+            fields = {"pooler_output": torch.split(out.pooler_output[lo:hi], sizes)}
+            if deep is not None:
+                fields["deepstack_features"] = [torch.split(f[lo:hi], sizes) for f in deep]
+            mm[key] = type(out)(**fields)
+        return mm, None
+
+    def encode_audio(self, model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor | None]:
+        """Audio families: the HF model runs its audio tower once on ``input_features`` (all audios
+        of the micro-batch); without audio we run it on a dummy here. Returns (HF kwargs, aux)."""
+        tower = self.audio_tower(model)
+        if tower is None:
+            return {}, None
+        feats = batch.get("input_features")
+        if feats is not None:
+            return {"input_features": feats.to(next(tower.parameters()).dtype),
+                    "feature_attention_mask": batch.get("feature_attention_mask")}, None
+        dfeat, dmask = self.dummy_audio_inputs(model, batch["input_ids"].device, next(tower.parameters()).dtype)
+        out = model.model.get_audio_features(dfeat, dmask, return_dict=True)
+        return {}, self._output_sum(out) * 0.0
+
+    #: batch keys passed through to the HF model's forward as they are (besides ids/mask/grids)
+    forward_batch_keys: tuple[str, ...] = ("mm_token_type_ids",)
+
+    def forward_hidden(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the backbone on a collated batch; return (last hidden states [B,S,H], aux) where aux
+        is a scalar to add to the loss (0 x dummy encoder outputs when the batch lacks a modality).
+
+        Every encoder (vision, audio) is called exactly once per micro-batch on every rank (all
+        items of that modality together, or a dummy), so FSDP collectives line up across ranks
+        whatever the data.
+        """
+        mm, aux_v = self.encode_vision(model, batch)
+        audio_kwargs, aux_a = self.encode_audio(model, batch)
+        extra = {k: batch[k] for k in self.forward_batch_keys if batch.get(k) is not None}
+        outputs = model.model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
-            image_grid_thw=igrid if pv is not None else None,
-            video_grid_thw=vgrid if pvv is not None else None,
-            mm_token_type_ids=batch.get("mm_token_type_ids"),
-            mm_encoder_outputs=mm or None,
+            image_grid_thw=batch.get("image_grid_thw") if batch.get("pixel_values") is not None else None,
+            video_grid_thw=batch.get("video_grid_thw") if batch.get("pixel_values_videos") is not None else None,
+            mm_encoder_outputs=mm,
             use_cache=False,
+            **audio_kwargs,
+            **extra,
         )
         hidden = outputs.last_hidden_state
-        if aux is None:
-            aux = hidden.new_zeros(())
+        aux = hidden.new_zeros(())
+        for a in (aux_v, aux_a):
+            if a is not None:
+                aux = aux + a
         return hidden, aux
 
 
@@ -181,3 +254,48 @@ def text_sizes(t, prefix: str = "text_decoder") -> dict[str, int]:
         if getattr(t, k, None):
             out[f"{prefix}.{k}"] = getattr(t, k)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-module layers for model.json settings (recompute, activation offload, attention, fused MoE).
+# Defaults derived from module_groups(), so a family gets them without code; override when a
+# family's layers are not transformers GradientCheckpointingLayer modules.
+
+def _module_roots(self, model: nn.Module) -> dict[str, list[nn.Module]]:
+    """model.json module path -> the top modules of its group (the group's paths)."""
+    return {g.name: [model.get_submodule(p) for p in g.paths] for g in self.module_groups()}
+
+
+def _module_layers(self, model: nn.Module) -> dict[str, list[nn.Module]]:
+    """model.json module path -> its repeated layers in forward order: the outermost transformers
+    ``GradientCheckpointingLayer`` modules under the group's paths (excluded paths left out). A
+    group without such layers (e.g. a projector) has its path modules as units (a ModuleList path,
+    such as Qwen3-VL's deepstack mergers, contributes its members)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    out: dict[str, list[nn.Module]] = {}
+    for g in self.module_groups():
+        excluded = {id(model.get_submodule(e)) for e in g.exclude}
+        layers: list[nn.Module] = []
+
+        def walk(m: nn.Module) -> None:
+            if id(m) in excluded:
+                return
+            if isinstance(m, GradientCheckpointingLayer):
+                layers.append(m)
+                return
+            for child in m.children():
+                walk(child)
+
+        for p in g.paths:
+            walk(model.get_submodule(p))
+        if not layers:  # e.g. a projector: its modules (the members of a ModuleList) are the units
+            for p in g.paths:
+                m = model.get_submodule(p)
+                layers.extend(m.children() if isinstance(m, (nn.ModuleList, nn.ModuleDict)) else [m])
+        out[g.name] = layers
+    return out
+
+
+ModelFamily.module_roots = _module_roots
+ModelFamily.module_layers = _module_layers

@@ -41,6 +41,6 @@ def family_for_model_id(model_id: str) -> ModelFamily:
 def family_for_hf_config(config) -> ModelFamily:
     for name in FAMILIES:
         fam = get_family(name)
-        if type(config).__name__ in (fam.hf_config_class_name, fam.hf_full_config_class_name):
+        if type(config).__name__ in (fam.hf_config_class_name, fam.model_class().config_class.__name__):
             return fam
     raise ValueError(f"no omnitune family for HF config class {type(config).__name__}")

@@ -64,15 +64,19 @@ class Qwen2_5OmniFamily(ModelFamily):
     legacy_model_ids = ("qwen2_5vl",)
     template = "qwen2_omni"
     hf_class_name = "Qwen2_5OmniThinkerForConditionalGeneration"
-    hf_config_class_name = "Qwen2_5OmniThinkerConfig"
+    hf_config_class_name = "Qwen2_5OmniConfig"
     hf_full_class_name = "Qwen2_5OmniForConditionalGeneration"
-    hf_full_config_class_name = "Qwen2_5OmniConfig"
     folder_prefix = "thinker."
+    folder_extra_files = ("spk_dict.pt",)
+    # time-aligned rope (TMRoPE): seconds per video grid step; audio interleaved in videos
+    forward_batch_keys = ("video_second_per_grid", "use_audio_in_video")
 
     # ------------------------------------------------------------------ configs
     def tiny_config(self, size: str = "tiny"):
         s = SIZES[size]
-        return self.config_class()(
+        from transformers import Qwen2_5OmniThinkerConfig
+
+        return Qwen2_5OmniThinkerConfig(
             text_config=dict(
                 vocab_size=VOCAB, hidden_size=s["hidden"], intermediate_size=s["inter"],
                 num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
@@ -91,6 +95,9 @@ class Qwen2_5OmniFamily(ModelFamily):
             tie_word_embeddings=False,
             **IDS,
         )
+
+    def trainable_config(self, config):
+        return getattr(config, "thinker_config", config)
 
     def tiny_folder_config(self, size: str = "tiny"):
         from transformers import Qwen2_5OmniConfig
@@ -158,6 +165,10 @@ class Qwen2_5OmniFamily(ModelFamily):
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return model.model.visual
 
+    def unused_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        # audio_tower.audio_bos_eos_token: an nn.Embedding(2, d) no forward of transformers 5.23 reads
+        return [model.model.audio_tower.audio_bos_eos_token.weight]
+
     def audio_tower(self, model: nn.Module) -> nn.Module:
         return model.model.audio_tower
 
@@ -166,7 +177,7 @@ class Qwen2_5OmniFamily(ModelFamily):
         return list(m.visual.blocks) + list(m.audio_tower.layers) + list(m.language_model.layers)
 
     def structure_sizes(self, config) -> dict[str, int]:
-        config = getattr(config, "thinker_config", config)
+        config = self.trainable_config(config)
         t, v, a = config.text_config, config.vision_config, config.audio_config
         return {
             "image_encoder.vision_encoder.num_layers": v.depth,

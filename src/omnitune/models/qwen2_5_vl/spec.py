@@ -42,6 +42,8 @@ class Qwen2_5VLFamily(Qwen2VLFamily):
     template = "qwen2vl"
     hf_class_name = "Qwen2_5_VLForConditionalGeneration"
     hf_config_class_name = "Qwen2_5_VLConfig"
+    # videos' seconds per temporal grid step feed the temporal rope positions
+    forward_batch_keys = ("mm_token_type_ids", "second_per_grid_ts")
 
     def tiny_config(self, size: str = "tiny"):
         s = SIZES[size]

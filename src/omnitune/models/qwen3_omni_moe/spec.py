@@ -182,15 +182,17 @@ class Qwen3OmniMoeFamily(ModelFamily):
     model_ids = ("qwen3_omni_moe",)
     template = "qwen3_omni"
     hf_class_name = "Qwen3OmniMoeThinkerForConditionalGeneration"
-    hf_config_class_name = "Qwen3OmniMoeThinkerConfig"
+    hf_config_class_name = "Qwen3OmniMoeConfig"
     hf_full_class_name = "Qwen3OmniMoeForConditionalGeneration"
-    hf_full_config_class_name = "Qwen3OmniMoeConfig"
     folder_prefix = "thinker."
+    forward_batch_keys = ("video_second_per_grid", "use_audio_in_video")
 
     # ------------------------------------------------------------------ configs
     def tiny_config(self, size: str = "tiny"):
         s = SIZES[size]
-        return self.config_class()(
+        from transformers import Qwen3OmniMoeThinkerConfig
+
+        return Qwen3OmniMoeThinkerConfig(
             text_config=dict(
                 vocab_size=VOCAB, hidden_size=s["hidden"], intermediate_size=2 * s["hidden"],
                 num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
@@ -213,6 +215,9 @@ class Qwen3OmniMoeFamily(ModelFamily):
             tie_word_embeddings=False,
             **IDS,
         )
+
+    def trainable_config(self, config):
+        return getattr(config, "thinker_config", config)
 
     def tiny_folder_config(self, size: str = "tiny"):
         from transformers import Qwen3OmniMoeConfig
@@ -289,7 +294,7 @@ class Qwen3OmniMoeFamily(ModelFamily):
         return list(m.visual.blocks) + list(m.audio_tower.layers) + list(m.language_model.layers)
 
     def structure_sizes(self, config) -> dict[str, int]:
-        config = getattr(config, "thinker_config", config)
+        config = self.trainable_config(config)
         t, v, a = config.text_config, config.vision_config, config.audio_config
         return {
             "image_encoder.vision_encoder.num_layers": v.depth,
