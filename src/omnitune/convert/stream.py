@@ -18,9 +18,11 @@ from __future__ import annotations
 import collections
 import io
 import json
+import mmap
 import os
 import pickle
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -33,8 +35,34 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
-def _pread_tensor(f, offset: int, nbytes: int) -> torch.Tensor:
-    """A fresh uint8 tensor holding ``nbytes`` bytes of ``f`` from ``offset``."""
+_PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+def _pread_tensor(f, offset: int, nbytes: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A 1-D ``dtype`` tensor of the ``nbytes`` bytes of ``f`` from ``offset``.
+
+    The bytes are mapped (private, copy-on-write), not read: the tensor shares the kernel's page-cache
+    pages, so no anonymous memory is faulted in and zeroed and no copy is made (on a VM, first-touch
+    anonymous pages cost 2-10x the copy itself). Writing into the tensor copies only the touched pages
+    (the file is never changed). The mapping lives as long as the tensor; its pages count in the
+    process' RSS only while it does, exactly like a read buffer.
+    """
+    isz = torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(0, dtype=dtype)
+    start = offset - offset % _PAGE
+    try:
+        m = mmap.mmap(f.fileno(), offset + nbytes - start, flags=mmap.MAP_PRIVATE,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    except (OSError, ValueError):  # past the end of the file, or a file system without mmap: read it
+        return _read_tensor(f, offset, nbytes).view(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-writable buffer": it is writable (MAP_PRIVATE)
+        return torch.frombuffer(m, dtype=dtype, count=nbytes // isz, offset=offset - start)
+
+
+def _read_tensor(f, offset: int, nbytes: int) -> torch.Tensor:
+    """A fresh uint8 tensor holding ``nbytes`` bytes of ``f`` from ``offset`` (pread)."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes:
         view = memoryview(buf.numpy())
@@ -95,7 +123,7 @@ class SafetensorsIndex:
         f = self._handles.get(path)
         if f is None:
             f = self._handles[path] = open(path, "rb")
-        return _pread_tensor(f, a, b - a).view(dtype).reshape(shape)
+        return _pread_tensor(f, a, b - a, dtype).reshape(shape)
 
     def nbytes(self, key: str) -> int:
         _, _, _, a, b = self.entries[key]
@@ -192,7 +220,7 @@ class PtIndex:
         extent = 1 + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else 0
         if self._f is None:
             self._f = open(self.path, "rb")
-        raw = _pread_tensor(self._f, start + soff * isz, extent * isz).view(dtype)
+        raw = _pread_tensor(self._f, start + soff * isz, extent * isz, dtype)
         if raw.numel() == 0:
             return torch.empty(shape, dtype=dtype)
         return raw.as_strided(shape, stride)
