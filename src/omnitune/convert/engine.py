@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 import torch
 
 from omnitune.convert import layout as L
-from omnitune.convert.stream import PtIndex, PtWriter, SafetensorsIndex, SafetensorsWriter
+from omnitune.convert.stream import PtIndex, PtWriter, SafetensorsIndex, SafetensorsWriter, Scratch
 from omnitune.fsutil import atomic_dir
 
 _LAYER = re.compile(r"^(.*?\.\d+)\.")
@@ -205,10 +205,10 @@ class MmSink:
     def __init__(self, parallel: L.ParallelConfig, modules: list[L.ModuleSchema], km: ModuleType):
         self.par, self.mods, self.km = parallel, modules, km
 
-    def _split(self, group_sd: dict) -> list[list[dict]]:
-        """-> [tp_rank][stage] {local key: tensor}"""
-        return [L.partition_stages(sd, self.par, self.mods) for sd in L.split_tp(group_sd, self.par, self.mods,
-                                                                                 self.km.tp_rule)]
+    def _split(self, group_sd: dict, views: bool = False) -> list[list[dict]]:
+        """-> [tp_rank][stage] {local key: tensor}; views: GLU shards as uncopied views (for write)"""
+        return [L.partition_stages(sd, self.par, self.mods)
+                for sd in L.split_tp(group_sd, self.par, self.mods, self.km.tp_rule, views=views)]
 
     def plan(self, groups: list[tuple[str, dict]]) -> list[str]:
         """Returns the group order writes must follow (stage by stage, so every file's storages are
@@ -234,14 +234,15 @@ class MmSink:
         pp = self.par.pp_size
         self.root, self.iteration = root, iteration
         self.writers = {}
+        scratch = Scratch()  # one reused buffer for every non-contiguous shard (row splits, GLU)
         for (r, p), struct in self.structs.items():
             d = root / iteration / L.rank_dir_name(r, p, pp)
             d.mkdir(parents=True)
-            self.writers[(r, p)] = PtWriter(d / L.CKPT_NAME, struct)
+            self.writers[(r, p)] = PtWriter(d / L.CKPT_NAME, struct, scratch=scratch)
 
     def write(self, group_sd: dict) -> None:
         pp, vpp = self.par.pp_size, self.par.vpp_size
-        for r, stages in enumerate(self._split(group_sd)):
+        for r, stages in enumerate(self._split(group_sd, views=True)):
             for s, sd in enumerate(stages):
                 name = f"model{s // pp}" if vpp > 1 else "model"
                 w = self.writers[(r, s % pp)]

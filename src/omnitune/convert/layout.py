@@ -286,10 +286,21 @@ def deinterleave_qkv(qkv: torch.Tensor, groups: int, sizes: tuple[int, int, int]
     return torch.cat(qs), torch.cat(ks), torch.cat(vs)
 
 
+def glu_views(t: torch.Tensor, n: int, key: str = "") -> list[torch.Tensor]:
+    """split_glu without copies: rank i gets the (2, rows/2n, ...) view [gate_i, up_i] of ``t``;
+    ``t.flatten(0, 1)`` of it is split_glu's shard (a writer copies it once, where it writes it)."""
+    _check_div(t, 0, 2 * n, key)
+    if not t.is_contiguous():
+        return split_glu(t, n, key)
+    v = t.view(2, n, t.shape[0] // (2 * n), *t.shape[1:])
+    return [v[:, i] for i in range(n)]
+
+
 def split_tp(sd: StateDict, parallel: ParallelConfig, modules: list[ModuleSchema],
-             rule: Callable[[str], Optional[str]]) -> list[StateDict]:
+             rule: Callable[[str], Optional[str]], views: bool = False) -> list[StateDict]:
     """Full state dict -> max_tp state dicts. A module with a smaller TP size is replicated
-    (folder i holds its shard i % module_tp). rule(key) -> "column" | "row" | "glu" | None."""
+    (folder i holds its shard i % module_tp). rule(key) -> "column" | "row" | "glu" | None.
+    views: GLU shards as :func:`glu_views` (one dim more) instead of concatenated copies."""
     n = parallel.max_tp
     out: list[StateDict] = [{} for _ in range(n)]
     for key, value in sd.items():
@@ -300,7 +311,7 @@ def split_tp(sd: StateDict, parallel: ParallelConfig, modules: list[ModuleSchema
             for r in range(n):
                 out[r][key] = value
             continue
-        shards = SPLITTERS[kind](value, tp, key)
+        shards = (glu_views if views and kind == "glu" else SPLITTERS[kind])(value, tp, key)
         for r in range(n):
             out[r][key] = shards[r % tp]
     return out

@@ -265,6 +265,27 @@ class _TensorRef:
                 (self.storage, 0, tuple(self.shape), tuple(reversed(stride)), False, collections.OrderedDict()))
 
 
+class Scratch:
+    """One reusable byte buffer (grown on demand) for copying a non-contiguous tensor right before
+    it is written: its pages are faulted in once, not once per tensor as a fresh ``.contiguous()``
+    copy would be."""
+
+    def __init__(self):
+        self.buf = torch.empty(0, dtype=torch.uint8)
+
+    def contiguous(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` itself if contiguous, else a copy of it in the buffer (valid until the next call)."""
+        if t.is_contiguous():
+            return t
+        n = t.numel() * t.element_size()
+        if self.buf.numel() < n:
+            self.buf = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self.buf = torch.empty(n + (-n % (1 << 20)), dtype=torch.uint8)
+        out = self.buf[:n].view(t.dtype).view(t.shape)
+        out.copy_(t)
+        return out
+
+
 class PtWriter:
     """A ``torch.save``-compatible file written one tensor at a time.
 
@@ -272,10 +293,12 @@ class PtWriter:
     then given with ``write(path, tensor)`` (path = tuple of keys), in any order.
     """
 
-    def __init__(self, path: Path, structure: Any, crc32: bool = False):
+    def __init__(self, path: Path, structure: Any, crc32: bool = False, scratch: Optional[Scratch] = None):
         """crc32: store zip CRC-32s of the records (torch.save's default). torch.load does not check
-        them; leaving them out halves the writing time of large checkpoints."""
+        them; leaving them out halves the writing time of large checkpoints. scratch: the buffer
+        non-contiguous tensors are copied into (may be shared by several writers)."""
         self.path = Path(path)
+        self.scratch = scratch or Scratch()
         self.slots: dict[tuple, tuple[str, torch.dtype, tuple]] = {}
         counter = [0]
 
@@ -306,12 +329,17 @@ class PtWriter:
         self.done: set[tuple] = set()
 
     def write(self, path: tuple, t: torch.Tensor) -> None:
+        """``t`` has the planned shape, or one dim more whose first two dims merge into the planned
+        first dim (a GLU shard view from layout.glu_views)."""
         key, dtype, shape = self.slots[path]
-        if t.dtype != dtype or tuple(t.shape) != shape:
+        got = tuple(t.shape)
+        if len(got) == len(shape) + 1 and shape and got[0] * got[1] == shape[0] and got[2:] == shape[1:]:
+            got = shape
+        if t.dtype != dtype or got != shape:
             raise ValueError(f"{self.path}: {path} is {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
         if path in self.done:
             raise ValueError(f"{self.path}: {path} written twice")
-        t = t.contiguous()
+        t = self.scratch.contiguous(t)
         n = t.numel() * t.element_size()
         if n:
             off = t.storage_offset() * t.element_size()
