@@ -22,6 +22,8 @@ from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _Storag
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                    MetadataIndex, TensorProperties, TensorStorageMetadata)
 
+from omnitune.convert.stream import FileSink
+
 DATA_FILE = "__0_0.distcp"
 
 
@@ -32,7 +34,7 @@ class DcpWriter:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.folder / DATA_FILE, "wb")
+        self.f = FileSink(self.folder / DATA_FILE)  # bytes of mapped input tensors: copied file to file
         self.sd_meta: dict[str, Any] = {}
         self.planner: dict[str, tuple] = {}
         self.storage: dict[MetadataIndex, _StorageInfo] = {}

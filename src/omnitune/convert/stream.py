@@ -23,6 +23,7 @@ import os
 import pickle
 import struct
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -58,7 +59,125 @@ def _pread_tensor(f, offset: int, nbytes: int, dtype: torch.dtype = torch.uint8)
         return _read_tensor(f, offset, nbytes).view(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "non-writable buffer": it is writable (MAP_PRIVATE)
-        return torch.frombuffer(m, dtype=dtype, count=nbytes // isz, offset=offset - start)
+        t = torch.frombuffer(m, dtype=dtype, count=nbytes // isz, offset=offset - start)
+    _register_mapping(m, t.data_ptr() - (offset - start), offset + nbytes - start, f.fileno(), start)
+    return t
+
+
+# ------------------------------------------------------------------------------------ file-to-file copies
+# Memory mapped by _pread_tensor: [address, address + length) holds the bytes of fd from file_offset.
+# A FileSink asked to write bytes of such a region copies them file to file (copy_file_range: no
+# user-space copy, no page faults), as `cp` does. Entries live exactly as long as their mapping.
+# Contract (all converters keep it): tensors read from an input are never modified in place.
+_MAPPED: dict[int, tuple[int, int, int, int]] = {}  # key -> (address, length, fd (own dup), file offset)
+_MAPPED_KEY = [0]
+
+
+def _register_mapping(m: mmap.mmap, address: int, length: int, fd: int, file_offset: int) -> None:
+    key = _MAPPED_KEY[0] = _MAPPED_KEY[0] + 1
+    _MAPPED[key] = (address, length, os.dup(fd), file_offset)
+    weakref.finalize(m, _unregister_mapping, key)
+
+
+def _unregister_mapping(key: int) -> None:
+    entry = _MAPPED.pop(key, None)
+    if entry is not None:
+        os.close(entry[2])
+
+
+def _file_bytes_of(address: int, nbytes: int) -> Optional[tuple[int, int]]:
+    """(fd, offset) of a file whose bytes [offset, offset + nbytes) are mapped at ``address``."""
+    for a, n, fd, off in _MAPPED.values():
+        if a <= address and address + nbytes <= a + n:
+            return fd, off + (address - a)
+    return None
+
+
+def _address(mv: memoryview) -> int:
+    import numpy as np
+
+    return np.frombuffer(mv, dtype=np.uint8).ctypes.data
+
+
+class FileSink:
+    """A write-only file object for ``torch.save`` / ``PyTorchFileWriter``: small writes are
+    buffered; a large one whose bytes are a mapped input file region is done with
+    ``os.copy_file_range`` from that file (else ``pwrite``)."""
+
+    BIG = 1 << 20
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pos = 0  # bytes written (or copied) to the file
+        self.buf = bytearray()
+        self.copied = 0
+
+    def write(self, b) -> int:
+        mv = memoryview(b).cast("B")
+        n = mv.nbytes
+        if n < self.BIG:
+            self.buf += mv
+            if len(self.buf) >= self.BIG:
+                self.flush()
+            return n
+        self.flush()
+        src = _file_bytes_of(_address(mv), n)
+        done = self._copy(src, n) if src is not None else 0
+        self._pwrite(mv[done:], self.pos + done)
+        self.pos += n
+        return n
+
+    def _copy(self, src: tuple[int, int], n: int) -> int:
+        fd, off = src
+        done = 0
+        try:
+            while done < n:
+                k = os.copy_file_range(fd, self.fd, n - done, off + done, self.pos + done)
+                if k <= 0:
+                    break
+                done += k
+        except OSError:  # e.g. EXDEV / EINVAL on some file systems: the rest is written from memory
+            pass
+        self.copied += done
+        return done
+
+    def _pwrite(self, mv: memoryview, pos: int) -> None:
+        while mv.nbytes:
+            k = os.pwrite(self.fd, mv, pos)
+            mv, pos = mv[k:], pos + k
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.flush()
+        if whence == os.SEEK_CUR:
+            self.pos += offset
+        elif whence == os.SEEK_SET:
+            self.pos = offset
+        else:
+            raise io.UnsupportedOperation("FileSink.seek: SEEK_END")
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos + len(self.buf)
+
+    def flush(self) -> None:
+        if self.buf:
+            self._pwrite(memoryview(self.buf), self.pos)
+            self.pos += len(self.buf)
+            self.buf = bytearray()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.flush()
+            os.ftruncate(self.fd, self.pos)  # a trailing seek leaves a hole, as a real file would
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _read_tensor(f, offset: int, nbytes: int) -> torch.Tensor:
@@ -320,7 +439,8 @@ class PtWriter:
         buf = io.BytesIO()
         Pickler(buf, protocol=2).dump(refs)
         data = buf.getvalue()
-        self.w = torch._C.PyTorchFileWriter(str(self.path), crc32, 64)
+        self.sink = FileSink(self.path)
+        self.w = torch._C.PyTorchFileWriter(self.sink, crc32, 64)
         self.w.write_record("data.pkl", data, len(data))
         self.w.write_record(".format_version", "1", 1)
         self.w.write_record(".storage_alignment", "64", 2)
@@ -354,6 +474,7 @@ class PtWriter:
             raise RuntimeError(f"{self.path}: tensors never written: {sorted(missing)[:5]}")
         self.w.write_end_of_file()
         del self.w
+        self.sink.close()
 
 
 def _replace_paths(obj, fn, path=()):
