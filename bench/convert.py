@@ -9,10 +9,13 @@ one run, each in its own fresh process (peak RSS = that process' ru_maxrss):
 - hf_to_mm TP2 with the seed's PP layout (llm [[1,9,9,9]], vit [[32,0,0,0]]),
 - hf_to_dcp (MindSpeed-MM's DCP layout, every weight under "model.").
 
-Prints seconds, throughput relative to cp (goal >= 0.8) and peak RSS against the largest tensor
-(goal <= 1.5 x largest + 0.5 GiB). Outputs are deleted after each step (watch `df -h`).
+Prints seconds and CPU seconds (user + sys of the step's process: robust to load from others),
+throughput relative to cp (goal >= 0.8) and peak RSS against the largest tensor (goal <= 1.5 x
+largest + 0.5 GiB). ``--before REV`` also times the converters of git revision REV (its ``src/``
+exported to a temp folder) in the same interleaved rounds: before/after under the same load.
+Outputs are deleted after each step (watch `df -h`).
 
-    .venv/bin/python bench/convert.py [--shards 4] [--repeat 2]
+    .venv/bin/python bench/convert.py [--shards 4] [--repeat 2] [--before main]
 """
 from __future__ import annotations
 
@@ -132,9 +135,10 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(step: str, hf: Path, out: Path) -> None:
+def child(step: str, hf: Path, out: Path, src: Path) -> None:
     """Run one step in this (fresh) process and print {"seconds", "maxrss"} as JSON."""
-    sys.path.insert(0, str(REPO / "src"))
+    sys.path.insert(0, str(src))
+    step = step.split("@")[0]
     import torch  # noqa: F401  (imported before timing in every step: same baseline)
 
     from omnitune.convert.dcp import DCP_PREFIX, hf_to_dcp_stream
@@ -166,10 +170,11 @@ def _cpu() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def run_step(step: str, hf: Path, out: Path) -> dict:
+def run_step(step: str, hf: Path, out: Path, src: Path = REPO / "src") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=False)
-    r = subprocess.run([sys.executable, __file__, "--child", step, "--hf", str(hf), "--out", str(out)],
+    r = subprocess.run([sys.executable, __file__, "--child", step, "--hf", str(hf), "--out", str(out),
+                        "--src", str(src)],
                        capture_output=True, text=True,
                        env=dict(os.environ, OMP_NUM_THREADS="1", THP_MEM_ALLOC_ENABLE="1"))  # as the mm-convert CLI sets
     if r.returncode != 0:
@@ -184,13 +189,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2, help="rounds (cp, hf_to_mm, hf_to_dcp interleaved); best time kept")
+    ap.add_argument("--before", help="git revision whose converters are timed too (e.g. main)")
     ap.add_argument("--child")
     ap.add_argument("--hf")
     ap.add_argument("--out")
+    ap.add_argument("--src", default=str(REPO / "src"))
     a = ap.parse_args()
     if a.child:
-        child(a.child, Path(a.hf), Path(a.out))
+        child(a.child, Path(a.hf), Path(a.out), Path(a.src))
         return
+    srcs = {"": REPO / "src"}
+    if a.before:
+        old = CACHE / "before_src"
+        shutil.rmtree(old, ignore_errors=True)
+        old.mkdir(parents=True)
+        arch = subprocess.run(["git", "-C", str(REPO), "archive", a.before, "src"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(old)], input=arch.stdout, check=True)
+        srcs["@before"] = old / "src"
+        print(f"before = {a.before} ({subprocess.run(['git', '-C', str(REPO), 'rev-parse', '--short', a.before], capture_output=True, text=True).stdout.strip()}), after = working tree")
+    steps = ["cp"] + [s + tag for tag in srcs for s in ("hf_to_mm", "hf_to_dcp")]
     hf = build(CACHE / "qwen2vl_2b_synth", a.shards)
     size = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
     sh = shapes()
@@ -202,27 +219,28 @@ def main() -> None:
     work = CACHE / "out"
     res = {"baseline": run_step("baseline", hf, work)}
     for _ in range(a.repeat):  # interleaved rounds: load from the other engineers hits every step alike
-        for s in ("cp", "hf_to_mm", "hf_to_dcp"):
-            r = run_step(s, hf, work)
+        for s in steps:
+            r = run_step(s, hf, work, srcs[s[s.index("@"):] if "@" in s else ""])
             if s not in res or r["seconds"] < res[s]["seconds"]:
                 res[s] = {**r, "maxrss": max(r["maxrss"], res.get(s, r)["maxrss"])}
     base = res["baseline"]["maxrss"]
     budget = 1.5 * largest + 0.5 * GIB
-    print(f"{'step':10s} {'seconds':>8s} {'GiB/s':>7s} {'vs cp':>6s} {'CPU s':>6s} {'CPU vs cp':>9s} {'peak RSS':>9s} "
+    print(f"{'step':17s} {'seconds':>8s} {'GiB/s':>7s} {'vs cp':>6s} {'CPU s':>6s} {'CPU vs cp':>9s} {'peak RSS':>9s} "
           f"{'RSS-py':>7s} {'RSS/largest':>11s} {'out GiB':>8s}")
-    for s in ("cp", "hf_to_mm", "hf_to_dcp"):
+    for s in steps:
         r = res[s]
         ratio = res["cp"]["seconds"] / r["seconds"]
-        print(f"{s:10s} {r['seconds']:8.2f} {size / GIB / r['seconds']:7.2f} {ratio:6.2f} {r['cpu']:6.1f} "
+        print(f"{s:17s} {r['seconds']:8.2f} {size / GIB / r['seconds']:7.2f} {ratio:6.2f} {r['cpu']:6.1f} "
               f"{res['cp']['cpu'] / r['cpu']:9.2f} {r['maxrss'] / GIB:8.2f}G {(r['maxrss'] - base) / GIB:6.2f}G {r['maxrss'] / largest:11.2f} "
               f"{r['out_bytes'] / GIB:8.2f}")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall-time ratios are only meaningful "
           f"on an idle machine; 'CPU vs cp' compares CPU seconds)")
     print(f"python+torch baseline RSS {base / GIB:.2f} GiB; RSS goal <= 1.5 x largest + 0.5 GiB = {budget / GIB:.2f} GiB")
-    for s in ("hf_to_mm", "hf_to_dcp"):
+    for s in steps[1:]:
         r = res[s]
         ratio = res["cp"]["seconds"] / r["seconds"]
-        print(f"{s}: throughput/cp {ratio:.2f} ({'ok' if ratio >= 0.8 else 'below'} goal 0.8); peak RSS "
+        print(f"{s}: throughput/cp {ratio:.2f} ({'ok' if ratio >= 0.8 else 'below'} goal 0.8), CPU/cp "
+              f"{res['cp']['cpu'] / r['cpu']:.2f}; peak RSS "
               f"{r['maxrss'] / GIB:.2f} GiB ({'ok' if r['maxrss'] <= budget else 'over'} goal {budget / GIB:.2f})")
 
 

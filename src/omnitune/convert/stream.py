@@ -69,20 +69,33 @@ def _pread_tensor(f, offset: int, nbytes: int, dtype: torch.dtype = torch.uint8)
 # A FileSink asked to write bytes of such a region copies them file to file (copy_file_range: no
 # user-space copy, no page faults), as `cp` does. Entries live exactly as long as their mapping.
 # Contract (all converters keep it): tensors read from an input are never modified in place.
-_MAPPED: dict[int, tuple[int, int, int, int]] = {}  # key -> (address, length, fd (own dup), file offset)
+_MAPPED: dict[int, tuple[int, int, int, int]] = {}  # key -> (address, length, fd, file offset)
 _MAPPED_KEY = [0]
+_FILE_FDS: dict[tuple[int, int], list[int]] = {}  # (st_dev, st_ino) -> [own dup of a fd, mappings using it]
 
 
 def _register_mapping(m: mmap.mmap, address: int, length: int, fd: int, file_offset: int) -> None:
+    """One dup'd descriptor per file, shared by its mappings: valid even after the reader closes its
+    own, and the process does not hold one descriptor per tensor."""
+    st = os.fstat(fd)
+    ident = (st.st_dev, st.st_ino)
+    ref = _FILE_FDS.get(ident)
+    if ref is None:
+        ref = _FILE_FDS[ident] = [os.dup(fd), 0]
+    ref[1] += 1
     key = _MAPPED_KEY[0] = _MAPPED_KEY[0] + 1
-    _MAPPED[key] = (address, length, os.dup(fd), file_offset)
-    weakref.finalize(m, _unregister_mapping, key)
+    _MAPPED[key] = (address, length, ref[0], file_offset)
+    weakref.finalize(m, _unregister_mapping, key, ident)
 
 
-def _unregister_mapping(key: int) -> None:
-    entry = _MAPPED.pop(key, None)
-    if entry is not None:
-        os.close(entry[2])
+def _unregister_mapping(key: int, ident: tuple[int, int]) -> None:
+    _MAPPED.pop(key, None)
+    ref = _FILE_FDS.get(ident)
+    if ref is not None:
+        ref[1] -= 1
+        if ref[1] <= 0:
+            os.close(ref[0])
+            del _FILE_FDS[ident]
 
 
 def _file_bytes_of(address: int, nbytes: int) -> Optional[tuple[int, int]]:
@@ -143,8 +156,9 @@ class FileSink:
         return done
 
     def _pwrite(self, mv: memoryview, pos: int) -> None:
+        # 1 MiB per call: one pwrite of tens of MiB into fresh page cache costs 2-7x the CPU (measured)
         while mv.nbytes:
-            k = os.pwrite(self.fd, mv, pos)
+            k = os.pwrite(self.fd, mv[:self.BIG], pos)
             mv, pos = mv[k:], pos + k
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
