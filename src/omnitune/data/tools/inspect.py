@@ -71,6 +71,10 @@ def _cache_status(ds, cfg, processor, started: float) -> str:
     return f"{entry} ({'built now' if built_at >= started else 'reused'})"
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 def _seconds(x: float) -> str:
     return f"{x:.1f} s"
 
@@ -91,7 +95,7 @@ def summarize(ds) -> list[str]:
     dropped = ds.num_dropped_media + ds.num_dropped_untrained
     parts = [f"{with_kind[k]} with {k}s" for k in KINDS if with_kind[k]] + [f"{text_only} text-only"]
     what = "preference pairs" if ds.paired else "samples"
-    lines = [f"samples        : {n}{' preference pairs' if ds.paired else ''} ({', '.join(parts)}); "
+    lines = [f"samples        : {_n(n, 'preference pair') if ds.paired else n} ({', '.join(parts)}); "
              f"{n + dropped} read, {dropped} dropped"]
     seq = "sequence (chosen and rejected each)" if ds.paired else "sample"
     lines.append(f"tokens         : {int(lengths.sum())} (mean {lengths.mean():.1f}, max {int(lengths.max())} per "
@@ -115,7 +119,7 @@ def summarize(ds) -> list[str]:
                      f"at {enc.audio_rate} Hz)")
     tracks = [s for m in media for s in m.video_audio_samples]
     if tracks:
-        lines.append(f"video audio    : {len(tracks)} tracks ({_seconds(sum(tracks) / enc.audio_rate)}; "
+        lines.append(f"video audio    : {_n(len(tracks), 'track')} ({_seconds(sum(tracks) / enc.audio_rate)}; "
                      f"use_audio_in_video)")
     lines.append(f"truncated      : {ds.num_truncated} (text cut at the limit {ds.max_length})")
     lines.append(f"dropped        : {ds.num_dropped_media} (media would be cut at the limit), "
@@ -151,12 +155,11 @@ def render_index(ds, index: int) -> list[str]:
     lines = [f"--- sample {index} ({ds.media[index].where}); trained tokens in [[...]], media pads folded"]
     lines += describe_media(ds, index)
     per = 2 if ds.paired else 1
-    names = ("chosen", "rejected") if ds.paired else ("",)
+    names = ("chosen", "rejected") if ds.paired else ("sequence",)
     offsets = np.asarray(ds.offsets)
     for k, name in zip(range(per * index, per * index + per), names):
         lo, hi = int(offsets[k]), int(offsets[k + 1])
-        if name:
-            lines.append(f"--- {name} ({hi - lo} tokens)")
+        lines.append(f"--- {name} ({hi - lo} tokens)")
         lines.append(render_sample(tok, np.asarray(ds.input_ids[lo:hi]).tolist(),
                                    np.asarray(ds.labels[lo:hi]).tolist(), fold))
     return lines
