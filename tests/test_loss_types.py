@@ -126,7 +126,7 @@ def test_loss_types_two_ranks_two_micro_batches_match_hand_computed():
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
     checked = [line for line in r.stdout.splitlines() if line.startswith("CHECKED")]
-    assert len(checked) == 4, r.stdout
+    assert len(checked) == 5, r.stdout
 
 
 # ----------------------------------------------------------------------------------- torchrun worker
@@ -145,15 +145,22 @@ def _worker() -> None:
     cfg = fam.tiny_config()
     mbs = micro_batches()
     mine = mbs[2 * d.rank: 2 * d.rank + 2]
-    cases = [("default", "default"), ("per_sample_loss", "default"), ("per_token_loss", "default"),
-             ("per_sample_loss", "chunk")]
-    for loss_type, mode in cases:
+    full = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    everything = {"image_encoder": {"vision_encoder": full, "vision_projector": full},
+                  "text_decoder": {**full, "activation_offload": True}}
+    # the last case also runs recompute of every module + activation offload under FSDP2
+    cases = [("default", "default", {}), ("per_sample_loss", "default", {}), ("per_token_loss", "default", {}),
+             ("per_sample_loss", "chunk", {}), ("per_token_loss", "dynamic_chunk", everything)]
+    for loss_type, mode, modules in cases:
         torch.manual_seed(0)
         hf = fam.model_class()(cfg).float()
         hf.config.use_cache = False
         ref = copy.deepcopy(hf)
-        mcfg = ModelJson(model_id="qwen2vl", loss_cfg={"loss_type": loss_type, "compute_mode": mode, "chunk_size": 3})
+        mcfg = ModelJson(model_id="qwen2vl", loss_cfg={"loss_type": loss_type, "compute_mode": mode, "chunk_size": 3},
+                         **modules)
         tm = TrainModel(hf, fam, mcfg)
+        if modules:
+            assert tm.settings_report["text_decoder"] == {"recompute": 2, "offload": 2}
         apply_fsdp(tm, fam.fsdp_units(hf), d.mesh, False)
         t = Trainer.__new__(Trainer)
         t.args, t.d, t.model, t.optimizer, t.loss_type = SimpleNamespace(bf16=False, clip_grad=0.0), d, tm, None, loss_type
@@ -173,7 +180,7 @@ def _worker() -> None:
                 torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{loss_type} {name}: {m}")
                 n += 1
             assert n > 10
-            print(f"CHECKED {loss_type} {mode} loss={stats['loss']:.6f} grads={n}", flush=True)
+            print(f"CHECKED {loss_type} {mode} {sorted(modules)} loss={stats['loss']:.6f} grads={n}", flush=True)
         dist.barrier()
     shutdown()
 

@@ -152,8 +152,7 @@ def family_for_folder_and_model_id(hf_config, hf_dir, model_id: str, source: str
     except ValueError:
         family = None
     if family is not named and (family is None or model_id not in getattr(family, "legacy_model_ids", ())):
-        expected = " or ".join(c for c in (named.hf_config_class_name, named.hf_full_config_class_name) if c)
-        raise ConfigError(f"{source}: model_id {model_id!r} expects a {expected} but {hf_dir}/config.json is "
+        raise ConfigError(f"{source}: model_id {model_id!r} expects a {named.hf_config_class_name} but {hf_dir}/config.json is "
                           f"{type(hf_config).__name__}" + (f" (model_id {family.model_ids[0]!r})" if family else ""))
     return family
 
