@@ -199,13 +199,16 @@ def test_inspect_qwen3_vl_preference_pairs_show_chosen_and_rejected(tmp_path, ti
     mp4(tmp_path / "v.mp4", n_frames=20, fps=10)
     jpeg(tmp_path / "a.jpg")
     pairs = [{"messages": [{"role": "user", "content": "<video>What moves?"}],
-              "chosen": {"role": "assistant", "content": "Bars."}, "rejected": {"role": "assistant", "content": "Dogs."},
-              "videos": ["v.mp4"]},
+              "chosen": {"role": "assistant", "content": "Bars."},
+              "rejected": {"role": "assistant", "content": "Dogs."}, "videos": ["v.mp4"]},
              {"messages": [{"role": "user", "content": "<image>Colour?"}],
               "chosen": "Noise.", "rejected": "Red.", "images": ["a.jpg"]}]
     data_json = write_config(tmp_path, pairs, template="qwen3_vl_nothink", pre={"model_name_or_path": str(hf)},
+                             basic={"val_rate": 0.5, "val_dataset": "d.json"},
                              attr={**MLLM_ATTR, "ranking": True, "chosen": "chosen", "rejected": "rejected"})
     out = inspect_data(str(data_json), index=0)
+    # settings the trainer would refuse are shown, the data is still inspected
+    assert "trainer refuses: basic_parameters.val_dataset and val_rate are both set; use one of them" in out
     assert "samples        : 2 preference pairs (1 with images, 1 with videos, 0 text-only); 2 read, 0 dropped" in out
     assert "cache off" in out
     chosen = out.split("--- chosen", 1)[1].split("--- rejected", 1)[0]

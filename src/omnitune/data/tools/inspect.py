@@ -97,7 +97,7 @@ def summarize(ds) -> list[str]:
     what = "preference pairs" if ds.paired else "samples"
     lines = [f"samples        : {_n(n, 'preference pair') if ds.paired else n} ({', '.join(parts)}); "
              f"{n + dropped} read, {dropped} dropped"]
-    seq = "sequence (chosen and rejected each)" if ds.paired else "sample"
+    seq = "sequence, chosen and rejected counted apart" if ds.paired else "sample"
     lines.append(f"tokens         : {int(lengths.sum())} (mean {lengths.mean():.1f}, max {int(lengths.max())} per "
                  f"{seq}; limit {ds.max_length})")
     lines.append(f"trained tokens : {trained} ({100.0 * trained / max(1, int(lengths.sum())):.1f}%)")
@@ -115,8 +115,8 @@ def summarize(ds) -> list[str]:
                      f"{_seconds(sum(v.duration for v in videos))})")
     n_audio = sum(len(m.audios) for m in media)
     if n_audio:
-        lines.append(f"audios         : {n_audio} ({_seconds(sum(sum(m.audio_samples) for m in media) / enc.audio_rate)} "
-                     f"at {enc.audio_rate} Hz)")
+        seconds = sum(sum(m.audio_samples) for m in media) / enc.audio_rate
+        lines.append(f"audios         : {n_audio} ({_seconds(seconds)} at {enc.audio_rate} Hz)")
     tracks = [s for m in media for s in m.video_audio_samples]
     if tracks:
         lines.append(f"video audio    : {_n(len(tracks), 'track')} ({_seconds(sum(tracks) / enc.audio_rate)}; "
@@ -170,7 +170,7 @@ def inspect_data(data_json: str, seq_length: int | None = None, index: int = 0) 
     cutoff_len when set, else 1024); the limit is min(seq_length, cutoff_len) as in training."""
     from transformers import AutoProcessor
 
-    from omnitune.config.data import load_data_config
+    from omnitune.config.data import load_data_config, unsupported_features
     from omnitune.data.dataset import SFTDataset
 
     cfg = load_data_config(data_json)
@@ -193,6 +193,7 @@ def inspect_data(data_json: str, seq_length: int | None = None, index: int = 0) 
         + ("; use_audio_in_video" if pp.use_audio_in_video else "") + ")",
         f"build          : {took:.1f} s; cache {_cache_status(ds, cfg, processor, started)}"
         + ("; streaming: true trains from the same samples read lazily" if bp.streaming else ""),
+        *(f"trainer refuses: {p}" for p in unsupported_features(cfg)),
         *summarize(ds),
         *render_index(ds, index),
     ]
