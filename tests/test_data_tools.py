@@ -248,3 +248,15 @@ def test_dry_run_plan_describes_the_data_settings(tmp_path, tiny_qwen2vl):
             f"cache_dir {tmp_path / 'cache'}: unused") in r.stdout
     assert "dataloader : num_workers 2 (data.json), shuffle False, drop_last True" in r.stdout
     assert "media      : columns images=images, videos=videos; use_audio_in_video False" in r.stdout
+
+
+def test_readme_models_table_matches_the_registry():
+    """The README's Models table names each family's model_id, trained HF class and template."""
+    from omnitune.models.registry import FAMILIES, get_family
+
+    readme = (REPO / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `qwen")}
+    assert set(rows) == set(FAMILIES)
+    for name in FAMILIES:
+        fam, row = get_family(name), rows[name]
+        assert f"`{fam.model_ids[0]}`" in row and f"`{fam.hf_class_name}`" in row and f"`{fam.template}`" in row, row
