@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from omnitune.checkpoint import dcp as ckpt_io
-from omnitune.checkpoint.mm_load import is_mm_checkpoint, load_mm_weights
+from omnitune.checkpoint.mm_load import is_dcp_release, is_mm_checkpoint, load_mm_weights
 from omnitune.config.errors import ConfigError
 from omnitune.config.model import check_against_hf_config, load_model_json, unsupported_settings
 from omnitune.config.train import TrainArgs, parse_train_args, resolve_loss_type
@@ -112,7 +112,7 @@ def make_plan(argv: list[str]) -> tuple[Plan, bool]:
         lp = Path(args.load)
         if not lp.exists():
             raise ConfigError(f"--load {args.load}: no such folder")
-        if is_mm_checkpoint(lp):  # MindSpeed-MM layout (mm-convert hf_to_mm): weights only
+        if is_mm_checkpoint(lp) or is_dcp_release(lp):  # MindSpeed-MM layouts (mm-convert): weights only
             load_kind = "mm"
         elif ckpt_io.is_training_checkpoint_root(lp):
             load_kind = "resume"
