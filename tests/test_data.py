@@ -202,8 +202,8 @@ def test_multi_dataset_max_samples_dataset_dir_jsonl_and_media_paths(tmp_path, p
     (tmp_path / "data.json").write_text(json.dumps(cfg))
     ds = build_train_dataset(load_data_config(tmp_path / "data.json"), processor, 2048)
     assert len(ds) == 6  # 3 per file
-    assert [where.rsplit(": ", 1)[1] for where, _, _ in ds.media] == ["sample 0", "sample 1", "sample 2"] * 2
-    paths = [p for _, ps, _ in ds.media for p in ps]
+    assert [m.where.rsplit(": ", 1)[1] for m in ds.media] == ["sample 0", "sample 1", "sample 2"] * 2
+    paths = [p for m in ds.media for p in m.images]
     in_cwd, in_dataset_dir = str(tmp_path / "in_cwd.jpg"), str(data / "imgs" / "in_dataset_dir.jpg")
     assert paths == [in_cwd, in_dataset_dir, in_cwd]
     assert [("pixel_values" in ds[i]) for i in range(6)] == [False] * 3 + [True] * 3
@@ -351,12 +351,12 @@ def test_data_json_validation_and_unsupported_features(tmp_path):
         with pytest.raises(ConfigError, match=match):
             load_data_config(write_config(tmp_path, [text], **kw))
     cfg = load_data_config(write_config(tmp_path, [text], basic={
-        "streaming": True, "packing": True, "val_rate": 0.1, "val_dataset": "v.json", "template": "qwen3_vl",
+        "streaming": True, "packing": True, "val_rate": 0.1, "val_dataset": "v.json",
         "mask_history": True, "train_on_prompt": True}, attr={**MLLM_ATTR, "videos": "videos", "audios": "audios"}))
     problems = unsupported_features(cfg)
-    for key in ("template", "streaming", "packing", "val_rate", "val_dataset", "attr.videos", "attr.audios"):
+    for key in ("streaming", "packing", "val_rate", "val_dataset"):
         assert any(key in p for p in problems), key
-    assert not any("mask_history" in p or "train_on_prompt" in p for p in problems)
+    assert not any(k in p for p in problems for k in ("mask_history", "train_on_prompt", "videos", "audios"))
 
 
 def test_bundled_demo_data(tmp_path, processor):

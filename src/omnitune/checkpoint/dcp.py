@@ -7,6 +7,7 @@ Layout (Megatron-compatible names)::
         .metadata, __*_*.distcp
         trainer_state.json                        # iteration, consumed samples, schedule, flags
         rng/rank_00000.pt ...                     # RNG of every rank (torch, cuda/npu, python, numpy)
+        data/rank_00000.json ...                  # streaming data position of every rank (streaming only)
 
 A save writes into ``iter_XXXXXXX.partial`` and is renamed when every rank has finished; only then
 is ``latest_checkpointed_iteration.txt`` replaced (temp file + rename). A save that dies midway
@@ -71,8 +72,9 @@ def set_rng_state(st: dict) -> None:
 
 
 def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trainer_state: dict,
-                    save_optim: bool = True, save_rng: bool = True) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+                    save_optim: bool = True, save_rng: bool = True, data_state: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder. ``data_state``: this
+    rank's data position (a JSON-able dict; the streaming dataset's), read back by :func:`read_data_state`."""
     save = Path(save_dir)
     final = save / iter_dir_name(iteration)
     partial = save / (iter_dir_name(iteration) + ".partial")
@@ -88,10 +90,13 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trai
     if save_rng:
         (partial / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
+    if data_state is not None:
+        (partial / "data").mkdir(exist_ok=True)
+        (partial / "data" / f"rank_{_rank():05d}.json").write_text(json.dumps(data_state))
     _barrier()
     if _rank() == 0:
         meta = dict(trainer_state, iteration=iteration, has_optim=bool(save_optim and optimizer is not None),
-                    has_rng=save_rng, world_size=dist.get_world_size() if dist.is_initialized() else 1)
+                    has_rng=save_rng, has_data_state=data_state is not None, world_size=dist.get_world_size() if dist.is_initialized() else 1)
         (partial / STATE).write_text(json.dumps(meta, indent=2))
         if final.exists():  # re-saving the same iteration: replace it
             shutil.rmtree(final)
@@ -120,6 +125,17 @@ def resolve_checkpoint(load_dir: str | Path) -> Path:
 def read_trainer_state(ckpt: Path) -> dict:
     p = ckpt / STATE
     return json.loads(p.read_text()) if p.is_file() else {"iteration": 0}
+
+
+def read_data_state(ckpt: str | Path, rank: int | None = None) -> dict | None:
+    """The data position this rank (or ``rank``) saved in ``ckpt``; None when none was saved."""
+    f = Path(ckpt) / "data" / f"rank_{_rank() if rank is None else rank:05d}.json"
+    if not f.is_file():
+        if (Path(ckpt) / "data").is_dir():
+            raise FileNotFoundError(f"{ckpt}/data holds no position for rank {_rank() if rank is None else rank} "
+                                    f"(saved with fewer ranks?); resume with the number of ranks it was saved with")
+        return None
+    return json.loads(f.read_text())
 
 
 def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,

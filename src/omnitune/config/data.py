@@ -1,9 +1,9 @@
 """data.json (SPEC section 4): pydantic models, loaded and validated before anything starts.
 
 Every key of MindSpeed-MM's data.json is accepted; unknown keys anywhere are errors naming the key
-path and the file. A few accepted keys have no effect here because there is no preprocessing cache
-or worker pool to steer (cache_dir, overwrite_cache, preprocessing_batch_size,
-preprocessing_num_workers, use_fast_tokenizer, dataloader_mode, sampler_type). Settings this
+path and the file. cache_dir / overwrite_cache steer the preprocessing cache and
+preprocessing_num_workers the build's worker processes (omnitune.data.cache); a few accepted keys
+have no effect here (use_fast_tokenizer, dataloader_mode, sampler_type). Settings this
 version does not implement yet are listed by :func:`unsupported_features`, so the trainer refuses
 them at start instead of silently ignoring them.
 """
@@ -29,12 +29,12 @@ class PreprocessParameters(_Strict):
     split_special_tokens: bool = False
     image_max_pixels: int = Field(768 * 768, ge=1)
     image_min_pixels: int = Field(32 * 32, ge=0)
-    video_max_pixels: int = Field(256 * 256, ge=1)
+    video_max_pixels: int = Field(256 * 256, ge=1)     # per frame, whatever the family's processor
     video_min_pixels: int = Field(16 * 16, ge=0)
-    video_fps: float = Field(2.0, gt=0)
-    video_maxlen: int = Field(128, ge=1)
-    audio_sampling_rate: int = Field(16000, ge=1)
-    use_audio_in_video: bool = False
+    video_fps: float = Field(2.0, gt=0)                # frames sampled per second of video ...
+    video_maxlen: int = Field(128, ge=1)               # ... at most this many
+    audio_sampling_rate: int = Field(16000, ge=1)      # must equal the feature extractor's rate
+    use_audio_in_video: bool = False                   # Omni templates: a video's sound track, interleaved
 
     @model_validator(mode="after")
     def _min_le_max(self):
@@ -63,7 +63,7 @@ class BasicParameters(_Strict):
     val_rate: float | None = Field(None, gt=0, lt=1)
     cutoff_len: int | None = Field(None, ge=1)    # the smaller of this and --seq-length applies
     packing: bool = False
-    enable_thinking: bool | None = None
+    enable_thinking: bool | None = None   # reasoning templates (qwen3_vl, qwen3_omni); null means true
 
     @field_validator("dataset")
     @classmethod
@@ -143,25 +143,23 @@ def unsupported_features(cfg: DataConfig) -> list[str]:
     """
     pp, b, a = cfg.dataset_param.preprocess_parameters, cfg.dataset_param.basic_parameters, cfg.dataset_param.attr
     out = []
-    if b.template != "qwen2vl":
-        out.append(f"basic_parameters.template {b.template!r}: only 'qwen2vl' is implemented in this version")
-    for key in ("streaming", "packing"):
-        if getattr(b, key):
-            out.append(f"basic_parameters.{key}: true is not implemented in this version; remove it or set false")
+    from omnitune.data.templates import TEMPLATES as IMPLEMENTED
+
+    if b.template not in IMPLEMENTED:
+        out.append(f"basic_parameters.template {b.template!r}: not implemented in this version; "
+                   f"known: {sorted(IMPLEMENTED)}")
+    if b.packing:
+        out.append("basic_parameters.packing: true is not implemented in this version; remove it or set false")
+    if b.streaming and b.val_rate is not None:
+        out.append("basic_parameters.val_rate cannot split a streamed dataset (it has no known size); with "
+                   "streaming: true give a val_dataset instead")
     if b.val_dataset is not None and b.val_rate is not None:
         out.append("basic_parameters.val_dataset and val_rate are both set; use one of them")
     if b.tool_format is not None:
         out.append("basic_parameters.tool_format: tool calls are not implemented in this version; set null")
     if pp.split_special_tokens:
         out.append("preprocess_parameters.split_special_tokens: true is not implemented in this version")
-    for key in ("videos", "audios"):
-        if getattr(a, key) is not None:
-            out.append(f"attr.{key}: {key} are not implemented in this version (images and text only); set null")
-    if pp.use_audio_in_video:
-        out.append("preprocess_parameters.use_audio_in_video: not implemented in this version; set false")
-    for key in ("chosen", "rejected"):
-        if getattr(a, key) is not None:
-            out.append(f"attr.{key}: preference (DPO) data is not implemented in this version; set null")
     if a.ranking:
-        out.append("attr.ranking: preference (DPO) data is not implemented in this version; set false")
+        out.append("attr.ranking: the data side reads preference (DPO) pairs, but the trainer has no DPO loss in "
+                   "this version; set false")
     return out

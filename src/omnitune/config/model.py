@@ -27,6 +27,10 @@ STRUCTURE_KEYS = {
     "parallel_output", "group_query_attention", "num_query_groups", "mrope_section", "rope_scaling",
     "add_qkv_bias", "window_size", "fullatt_block_indexes", "out_hidden_size", "num_experts",
     "moe_intermediate_size", "num_experts_per_tok", "head_dim", "qk_layernorm",
+    # further keys of the seeds' model.json files (Qwen2.5-VL/Omni, Qwen3-VL, Qwen3-Omni)
+    "seq_length", "intermediate_size", "tokens_per_second", "window_attn_size", "d_model", "num_mel_bins",
+    "max_source_positions", "n_window", "scale_embedding", "output_dim", "attn_layout",
+    "synchronize_per_layer", "is_causal",
 }
 
 
@@ -54,11 +58,18 @@ class ImageEncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vision_encoder: ModuleConfig | None = None
     vision_projector: ModuleConfig | None = None
+    # hetero parallel sizes of the whole encoder (seed Qwen2.5-Omni model_7b.json)
+    tp: int | None = None
+    pp: int | None = None
+    cp: int | None = None
 
 
 class AudioEncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     audio_encoder: ModuleConfig | None = None
+    tp: int | None = None
+    pp: int | None = None
+    cp: int | None = None
 
 
 class LossConfig(BaseModel):
@@ -83,6 +94,8 @@ class ModelJson(BaseModel):
     text_encoder: None = None
     video_encoder: None = None
     loss_cfg: LossConfig = LossConfig()
+    #: MindSpeed-MM runtime patch switches (e.g. clip_grad_async, hetero_parallel_cp): accepted, no effect
+    patch: dict[str, Any] | None = None
 
     @field_validator("model_id")
     @classmethod
@@ -140,19 +153,46 @@ def check_against_hf_config(cfg: ModelJson, family, hf_config, source: str) -> N
                                   f"{n} layers")
 
 
-# Per-module settings a later version implements (recompute, offload, fused MoE, hetero parallel,
-# attention choice, loss variants). Refused at start with their key, never silently ignored.
-_NOT_YET = ("recompute_granularity", "recompute_method", "recompute_num_layers", "attn_implementation",
-            "activation_offload", "use_npu_fused_moe", "tp", "pp", "cp")
+# Per-module settings: recompute, offload, fused MoE and attention are implemented (train/model.py,
+# ops/); here only what cannot work is refused, before launch.
+_HETERO = ("tp", "pp", "cp")  # per-module parallel sizes: 1 is what we run; more is hetero parallel
 
 
 def unsupported_settings(cfg: ModelJson) -> list[str]:
     out = []
     for name, mod in cfg.modules().items():
-        for key in _NOT_YET:
-            if getattr(mod, key) not in (None, False):
-                out.append(f"{name}.{key} is not implemented in this version; remove it")
-    if cfg.loss_cfg != LossConfig():
-        out.append("loss_cfg other than the default (token mean, full logits) is not implemented in this "
-                   "version; remove loss_cfg")
+        out.extend(_module_setting_problems(name, mod))
+    encoders = {"image_encoder": cfg.image_encoder, "audio_encoder": cfg.audio_encoder}
+    holders = {**cfg.modules(), **{k: v for k, v in encoders.items() if v is not None}}
+    for name, mod in holders.items():
+        for key in _HETERO:
+            if (getattr(mod, key, None) or 1) > 1:
+                out.append(f"{name}.{key} = {getattr(mod, key)}: hetero parallel sizes > 1 are not "
+                           f"implemented in this version; set 1 or remove it")
+    lc = cfg.loss_cfg
+    if lc.compute_mode != "default" and (lc.chunk_size is None or lc.chunk_size < 1):
+        out.append(f"loss_cfg.compute_mode {lc.compute_mode!r} needs loss_cfg.chunk_size >= 1 (trained positions "
+                   f"per chunk, e.g. 1024)")
+    if lc.router_aux_loss_coef < 0:
+        out.append("loss_cfg.router_aux_loss_coef must be >= 0")
+    return out
+
+
+def _module_setting_problems(name: str, mod: ModuleConfig) -> list[str]:
+    out = []
+    if mod.recompute_granularity == "selective":
+        out.append(f"{name}.recompute_granularity 'selective' (core attention only) is not implemented; use "
+                   f"'full' or remove it")
+    if mod.recompute_granularity is None and (mod.recompute_method or mod.recompute_num_layers):
+        out.append(f"{name}.recompute_method / recompute_num_layers need {name}.recompute_granularity 'full'")
+    if mod.recompute_num_layers is not None and mod.recompute_num_layers < 1:
+        out.append(f"{name}.recompute_num_layers must be >= 1")
+    if mod.recompute_method == "block" and mod.recompute_num_layers is None:
+        out.append(f"{name}.recompute_method 'block' needs {name}.recompute_num_layers (how many of the first "
+                   f"layers to recompute)")
+    if mod.attn_implementation == "flash_attention_2":
+        from omnitune.ops.attention import flash_attn_available
+        if not flash_attn_available():
+            out.append(f"{name}.attn_implementation 'flash_attention_2' needs the flash-attn package (and a GPU), "
+                       f"which is not installed here; use 'sdpa' or 'eager'")
     return out

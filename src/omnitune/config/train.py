@@ -66,6 +66,13 @@ class TrainArgs(BaseModel):
     distributed_timeout_minutes: int = 10
     enable_dummy_optimizer: bool = False
     use_torch_fsdp2: bool = True
+    #: MindSpeed-MM builds the model on the meta device before loading weights. Ours always does:
+    #: transformers' from_pretrained materialises parameters only from the checkpoint, so the flag is
+    #: accepted and changes nothing.
+    init_model_with_meta_device: bool = False
+    # loss type (SPEC section 7); also model.json loss_cfg.loss_type
+    calculate_per_sample_loss: bool = False
+    calculate_per_token_loss: bool = False
 
     @model_validator(mode="after")
     def _check(self):
@@ -78,6 +85,9 @@ class TrainArgs(BaseModel):
             raise ValueError("--lr-warmup-fraction must be in [0, 1]")
         if self.min_lr > self.lr:
             raise ValueError("--min-lr must be <= --lr")
+        if self.calculate_per_sample_loss and self.calculate_per_token_loss:
+            raise ValueError("--calculate-per-sample-loss and --calculate-per-token-loss exclude each other; "
+                             "give one")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save")
         return self
@@ -104,6 +114,7 @@ IGNORED_FLAGS: dict[str, bool] = {
     "untie-embeddings-and-output-weights": False, "disable-bias-linear": False,
     "add-qkv-bias": False, "rotary-base": True, "attention-softmax-in-fp32": False,
     "no-rope-fusion": False, "use-flash-attention": False, "init-method-std": True,
+    "fsdp2-config-path": True, "optimizer-selection": True, "use-cpu-initialization": False,
 }
 
 # Flags a later version implements; refused now with their name.
@@ -111,8 +122,7 @@ NOT_YET: dict[str, bool] = {
     "lora-target-modules": True, "lora-r": True, "lora-alpha": True, "lora-dropout": True,
     "load-base-model": True, "dpo-beta": True, "dpo-loss-type": True, "dpo-label-smoothing": True,
     "pref-ftx": True, "ref-model": True, "hetero-parallel": False,
-    "calculate-per-sample-loss": False, "calculate-per-token-loss": False,
-    "init-model-with-meta-device": False, "fp16": False,
+    "fp16": False,
 }
 
 
@@ -148,7 +158,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArgs, list[str], bool]:
     notyet = sorted(k.split("__", 1)[1] for k in ns if k.startswith("notyet__"))
     if notyet:
         raise ConfigError(f"--{notyet[0]} is not implemented in this version of omnitune "
-                          f"(remove the flag; planned: LoRA, DPO, hetero parallel, loss types, meta-device init)")
+                          f"(remove the flag; planned: LoRA, DPO, hetero parallel)")
     values = {k: v for k, v in ns.items() if "__" not in k}
     for name in ("mm_data", "mm_model", "train_iters"):
         if name not in values:
@@ -168,3 +178,15 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArgs, list[str], bool]:
     if args.virtual_pipeline_model_parallel_size is not None:
         raise ConfigError("--virtual-pipeline-model-parallel-size is not implemented in this version")
     return args, ignored, dry_run
+
+
+def resolve_loss_type(args: TrainArgs, model_cfg, source: str = "model.json") -> str:
+    """The loss type from --calculate-per-*-loss or model.json loss_cfg.loss_type; both given and
+    different is an error."""
+    flag = ("per_sample_loss" if args.calculate_per_sample_loss else
+            "per_token_loss" if args.calculate_per_token_loss else None)
+    cfg = model_cfg.loss_cfg.loss_type
+    if flag and cfg != "default" and cfg != flag:
+        raise ConfigError(f"{source}: loss_cfg.loss_type {cfg!r} contradicts --calculate-"
+                          f"{flag[:-len('_loss')].replace('_', '-')}-loss; keep one of them")
+    return flag or cfg

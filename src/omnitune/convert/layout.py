@@ -6,8 +6,8 @@
   stages (lists flattened chunk-major, stage = vpp_idx * pp_size + pp_rank, indices restart at 0).
 - TP split/merge helpers (column = dim 0, row = dim 1, GLU = [gate shard; up shard]) and the
   qkv interleave helpers used by family keymaps.
-- The Megatron "mm" folder: ``<dir>/latest_checkpointed_iteration.txt`` and
-  ``<dir>/release/mp_rank_XX[_PPP]/model_optim_rng.pt``, written into a temp folder then renamed.
+- The Megatron "mm" folder names: ``<dir>/latest_checkpointed_iteration.txt`` and
+  ``<dir>/release/mp_rank_XX[_PPP]/model_optim_rng.pt`` (read and written, streamed, by ``engine``).
 
 What a weight is called, whether it fuses and how it splits is family knowledge: it lives in
 ``omnitune.models.<family>.keymap``, never here.
@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, model_validator
-
-from omnitune.fsutil import atomic_dir
 
 LATEST_TXT = "latest_checkpointed_iteration.txt"
 CKPT_NAME = "model_optim_rng.pt"
@@ -245,12 +242,12 @@ def _check_div(t: torch.Tensor, dim: int, n: int, key: str) -> None:
 
 def split_column(t: torch.Tensor, n: int, key: str = "") -> list[torch.Tensor]:
     _check_div(t, 0, n, key)
-    return [c.clone() for c in torch.chunk(t, n, dim=0)]
+    return list(torch.chunk(t, n, dim=0))  # views: writers copy only what they write
 
 
 def split_row(t: torch.Tensor, n: int, key: str = "") -> list[torch.Tensor]:
     _check_div(t, 1, n, key)
-    return [c.clone() for c in torch.chunk(t, n, dim=1)]
+    return list(torch.chunk(t, n, dim=1))
 
 
 def split_glu(t: torch.Tensor, n: int, key: str = "") -> list[torch.Tensor]:
@@ -346,25 +343,6 @@ def check_output_dir(path: Path, overwrite: bool, field_name: str) -> None:
         raise ConvertError(f"{field_name}={path} is not empty; pass --cfg.overwrite true to replace it")
 
 
-def write_mm(mm_dir: Path, tp_stage_sds: list[list[StateDict]], parallel: ParallelConfig,
-             iteration: str = "release") -> None:
-    """tp_stage_sds[tp][stage] -> the Megatron folder layout, atomically (temp folder + rename)."""
-    pp, vpp = parallel.pp_size, parallel.vpp_size
-    with atomic_dir(mm_dir) as tmp:
-        it_dir = tmp / iteration
-        for tp_rank, stages in enumerate(tp_stage_sds):
-            for pp_rank in range(pp):
-                d = it_dir / rank_dir_name(tp_rank, pp_rank, pp)
-                d.mkdir(parents=True)
-                if vpp > 1:
-                    content = {f"model{v}": stages[v * pp + pp_rank] for v in range(vpp)}
-                else:
-                    content = {"model": stages[pp_rank]}
-                content["checkpoint_version"] = CHECKPOINT_VERSION
-                torch.save(content, d / CKPT_NAME)
-        (tmp / LATEST_TXT).write_text(iteration)
-
-
 def mm_iteration_dir(mm_dir: Path, field_name: str) -> Path:
     mm_dir = Path(mm_dir)
     latest = mm_dir / LATEST_TXT
@@ -375,46 +353,6 @@ def mm_iteration_dir(mm_dir: Path, field_name: str) -> Path:
     if not d.is_dir():
         raise ConvertError(f"{field_name}={mm_dir}: {LATEST_TXT} names {it!r} but {d} does not exist")
     return d
-
-
-def _load_pt(f: Path) -> dict:
-    """weights_only load; training saves also hold an argparse.Namespace ('args'), allowed here."""
-    import argparse
-    import pickle
-
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ConvertError(f"{f}: cannot be read with torch.load(weights_only=True): {str(e).splitlines()[0]}") from e
-
-
-def read_mm(mm_dir: Path, parallel: ParallelConfig, field_name: str) -> list[list[StateDict]]:
-    """The Megatron folder -> [tp][stage] state dicts (weights_only loads)."""
-    it_dir = mm_iteration_dir(mm_dir, field_name)
-    pp, vpp = parallel.pp_size, parallel.vpp_size
-    out = []
-    for tp_rank in range(parallel.max_tp):
-        stages: list[StateDict] = [{} for _ in range(pp * vpp)]
-        for pp_rank in range(pp):
-            f = it_dir / rank_dir_name(tp_rank, pp_rank, pp) / CKPT_NAME
-            if not f.is_file():
-                raise ConvertError(f"{field_name}={mm_dir}: {f} is missing; does the parallel config "
-                                   f"(tp_size={parallel.tp_size}, pp_size={pp}) match the checkpoint?")
-            content = _load_pt(f)
-            for v in range(vpp):
-                key = f"model{v}" if vpp > 1 else "model"
-                if key not in content:
-                    raise ConvertError(f"{f} has no {key!r} entry (has {sorted(content)}); does the VPP "
-                                       f"layout ({vpp} chunks) match the checkpoint?")
-                stages[v * pp + pp_rank] = {k: t for k, t in content[key].items()
-                                            if t is not None and not k.endswith("._extra_state")}
-        out.append(stages)
-    extra = it_dir / rank_dir_name(parallel.max_tp, 0, pp)
-    if extra.exists():
-        raise ConvertError(f"{field_name}={mm_dir}: {extra.name} exists, so the checkpoint has more TP ranks "
-                           f"than the given tp size {parallel.max_tp}")
-    return out
 
 
 # ---------------------------------------------------------------------------------- HF folders
@@ -430,45 +368,6 @@ def check_hf_dir(hf_dir: Path, field_name: str) -> None:
 
 def read_hf_config(hf_dir: Path) -> dict:
     return json.loads((Path(hf_dir) / "config.json").read_text())
-
-
-def hf_key_files(hf_dir: Path) -> dict[str, str]:
-    """weight name -> safetensors file name, from the file headers (no tensor is read)."""
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(Path(hf_dir).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = f.name
-    return out
-
-
-def load_hf(hf_dir: Path) -> StateDict:
-    from safetensors.torch import load_file
-
-    sd: StateDict = {}
-    for f in sorted(Path(hf_dir).glob("*.safetensors")):
-        sd.update(load_file(str(f), device="cpu"))
-    return sd
-
-
-def write_hf(save_dir: Path, sd: StateDict, key_files: dict[str, str], src_dir: Path) -> None:
-    """Weights in the same files as the source folder + every non-weight file of it, atomically."""
-    from safetensors.torch import save_file
-
-    src_dir = Path(src_dir)
-    with atomic_dir(save_dir) as tmp:
-        for item in src_dir.rglob("*"):
-            if item.is_file() and item.suffix != ".safetensors":
-                dst = tmp / item.relative_to(src_dir)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(item, dst)
-        by_file: dict[str, StateDict] = {}
-        for k, f in key_files.items():
-            by_file.setdefault(f, {})[k] = sd[k].contiguous()
-        for f, part in by_file.items():
-            save_file(part, str(tmp / f), metadata={"format": "pt"})
 
 
 def match_any(patterns: list[str], key: str) -> bool:

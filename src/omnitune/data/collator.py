@@ -5,32 +5,68 @@ import torch
 
 from omnitune.data.templates import IGNORE_INDEX
 
+SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask", "mm_token_type_ids")
+# Media keys concatenated along dim 0 in item order (absent when no item has them).
+CONCAT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+               "video_second_per_grid")
+
 
 class Collator:
     """Right-pad to the longest item: input_ids with ``pad_token_id``, labels with -100,
-    attention_mask and mm_token_type_ids with 0. Images of all items are concatenated in item order
-    (pixel_values, image_grid_thw); both keys are absent when no item has an image.
-    ``num_tokens`` is the number of real (unpadded) tokens, for throughput logging."""
+    attention_mask and mm_token_type_ids with 0. Media of all items are concatenated in item order
+    under the HF processor's names (pixel_values, image_grid_thw, pixel_values_videos,
+    video_grid_thw, second_per_grid_ts / video_second_per_grid); audio features
+    (input_features [n_audio, mels, frames]) are zero-padded to the longest along frames, with
+    feature_attention_mask marking the real frames. A key is absent when no item has it, so any mix
+    of image / video / audio / text-only items works. ``num_tokens`` is the number of real
+    (unpadded) tokens, for throughput logging.
 
-    def __init__(self, pad_token_id: int):
+    Preference items (chosen_* / rejected_* sequences) become 2B rows: the B chosen sequences, then
+    the B rejected ones, with each item's media repeated for its rejected row (row k and row B+k
+    share the prompt and the media).
+
+    ``use_audio_in_video`` (data.json preprocess_parameters): the batch then carries
+    ``use_audio_in_video=True`` when it has videos, which the Omni models need to place the
+    interleaved audio and video positions.
+    """
+
+    def __init__(self, pad_token_id: int, use_audio_in_video: bool = False):
         self.pad_token_id = pad_token_id
+        self.use_audio_in_video = use_audio_in_video
 
     def __call__(self, items: list[dict]) -> dict:
-        length = max(len(it["input_ids"]) for it in items)
-
-        def pad(key: str, value: int, dtype: torch.dtype) -> torch.Tensor:
-            out = torch.full((len(items), length), value, dtype=dtype)
-            for row, it in enumerate(items):
-                out[row, :len(it[key])] = it[key]
-            return out
-
-        batch = {"input_ids": pad("input_ids", self.pad_token_id, torch.long),
-                 "labels": pad("labels", IGNORE_INDEX, torch.long),
-                 "attention_mask": pad("attention_mask", 0, torch.long),
-                 "mm_token_type_ids": pad("mm_token_type_ids", 0, torch.int32)}
+        if items and "chosen_input_ids" in items[0]:
+            rows = [{k: it[f"{side}_{k}"] for k in SEQUENCE_KEYS} for side in ("chosen", "rejected") for it in items]
+            media = [it for _ in range(2) for it in items]
+        else:
+            rows = media = items
+        length = max(len(r["input_ids"]) for r in rows)
+        pad_values = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0,
+                      "mm_token_type_ids": 0}
+        batch = {}
+        for key in SEQUENCE_KEYS:
+            out = torch.full((len(rows), length), pad_values[key], dtype=rows[0][key].dtype)
+            for i, r in enumerate(rows):
+                out[i, :len(r[key])] = r[key]
+            batch[key] = out
         batch["num_tokens"] = int(batch["attention_mask"].sum())
-        with_images = [it for it in items if "pixel_values" in it]
-        if with_images:
-            batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_images])
-            batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_images])
+        for key in CONCAT_KEYS:
+            parts = [it[key] for it in media if key in it]
+            if parts:
+                batch[key] = torch.cat(parts)
+        feats = [it for it in media if "input_features" in it]
+        if feats:
+            frames = max(it["input_features"].shape[-1] for it in feats)
+            n = sum(len(it["input_features"]) for it in feats)
+            x = feats[0]["input_features"].new_zeros(n, feats[0]["input_features"].shape[1], frames)
+            mask = torch.zeros(n, frames, dtype=torch.long)
+            k = 0
+            for it in feats:
+                f, m = it["input_features"], it["feature_attention_mask"]
+                x[k:k + len(f), :, :f.shape[-1]] = f
+                mask[k:k + len(f), :m.shape[-1]] = m
+                k += len(f)
+            batch["input_features"], batch["feature_attention_mask"] = x, mask
+        if self.use_audio_in_video and "pixel_values_videos" in batch:
+            batch["use_audio_in_video"] = True
         return batch

@@ -1,7 +1,12 @@
 """Read dataset files and map each record through data.json ``attr`` to one normalized sample::
 
     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
-     "images": [absolute path, ...], "source": "/abs/file.json", "index": 12}
+     "images": [absolute path, ...], "videos": [...], "audios": [...],
+     "source": "/abs/file.json", "index": 12}
+
+Preference data (``attr.ranking: true``) ends its conversation with a user turn and adds
+``"chosen": str, "rejected": str`` (from the attr.chosen / attr.rejected columns, each a string or
+one assistant turn).
 
 mllm JSON (messages/role/content/user/assistant) and sharegpt (conversations/from/value/human/gpt)
 are the same mapping with different tag names. A file may be a JSON array or JSONL (one object per
@@ -116,21 +121,55 @@ def normalize(record, index: int, path: Path, cfg: DataConfig) -> dict:
         if messages[j]["role"] != want:
             raise DataError(f"{where}: roles must alternate user/assistant after an optional leading system "
                             f"turn; turn {j} is {messages[j]['role']!r}, expected {want!r}")
-    if messages[-1]["role"] != "assistant":
+    if a.ranking and messages[-1]["role"] != "user":
+        raise DataError(f"{where}: a preference (attr.ranking) sample's conversation must end with a user turn; "
+                        f"the answers go in '{a.chosen}' and '{a.rejected}'")
+    if not a.ranking and messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the conversation must end with an assistant turn")
     if a.system and record.get(a.system):
         if first:
             raise DataError(f"{where}: both a system turn and the attr.system column '{a.system}' are given")
         messages.insert(0, {"role": "system", "content": str(record[a.system])})
-    images = []
-    if a.images:
-        raw = record.get(a.images) or []
-        raw = [raw] if isinstance(raw, str) else raw
-        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
-            raise DataError(f"{where}: '{a.images}' must be a list of image paths")
-        ddir = Path(cfg.dataset_param.basic_parameters.dataset_dir)
-        images = [str(_resolve_media(x, ddir, path)) for x in raw]
-    return {"messages": messages, "images": images, "source": str(path), "index": index}
+    ddir = Path(cfg.dataset_param.basic_parameters.dataset_dir)
+    media = {kind: _media_column(record, column, kind, where, ddir, path)
+             for kind, column in (("images", a.images), ("videos", a.videos), ("audios", a.audios))}
+    if a.ranking:
+        sample = {"messages": messages, **media, "source": str(path), "index": index}
+        return _pair(record, sample, where, a)
+    return {"messages": messages, **media, "source": str(path), "index": index}
+
+
+def _pair(record: dict, sample: dict, where: str, a) -> dict:
+    """A preference sample: the prompt conversation plus the chosen and rejected answers, each a
+    string or one assistant turn ({role_tag: assistant_tag, content_tag: text})."""
+    for key, column in (("chosen", a.chosen), ("rejected", a.rejected)):
+        if not column:
+            raise DataError(f"{where}: attr.ranking is true but attr.{key} is not set; name the column holding "
+                            f"the {key} answer")
+        value = record.get(column)
+        if isinstance(value, dict):
+            if a.role_tag not in value or a.content_tag not in value:
+                raise DataError(f"{where}: '{column}' needs keys '{a.role_tag}' and '{a.content_tag}'")
+            if value[a.role_tag] != a.assistant_tag:
+                raise DataError(f"{where}: '{column}' has role {value[a.role_tag]!r}; expected "
+                                f"{a.assistant_tag!r} (attr.assistant_tag)")
+            value = value[a.content_tag]
+        if not isinstance(value, str):
+            found = "missing" if value is None else f"a {type(value).__name__}"
+            raise DataError(f"{where}: the {key} answer '{column}' is {found}; give a string or an "
+                            f"assistant turn")
+        sample[key] = value
+    return sample
+
+
+def _media_column(record: dict, column: str | None, kind: str, where: str, ddir: Path, path: Path) -> list[str]:
+    if not column:
+        return []
+    raw = record.get(column) or []
+    raw = [raw] if isinstance(raw, str) else raw
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        raise DataError(f"{where}: '{column}' must be a list of {kind[:-1]} paths")
+    return [str(_resolve_media(x, ddir, path)) for x in raw]
 
 
 def load_samples(cfg: DataConfig) -> list[dict]:

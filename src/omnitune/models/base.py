@@ -254,3 +254,48 @@ def text_sizes(t, prefix: str = "text_decoder") -> dict[str, int]:
         if getattr(t, k, None):
             out[f"{prefix}.{k}"] = getattr(t, k)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-module layers for model.json settings (recompute, activation offload, attention, fused MoE).
+# Defaults derived from module_groups(), so a family gets them without code; override when a
+# family's layers are not transformers GradientCheckpointingLayer modules.
+
+def _module_roots(self, model: nn.Module) -> dict[str, list[nn.Module]]:
+    """model.json module path -> the top modules of its group (the group's paths)."""
+    return {g.name: [model.get_submodule(p) for p in g.paths] for g in self.module_groups()}
+
+
+def _module_layers(self, model: nn.Module) -> dict[str, list[nn.Module]]:
+    """model.json module path -> its repeated layers in forward order: the outermost transformers
+    ``GradientCheckpointingLayer`` modules under the group's paths (excluded paths left out). A
+    group without such layers (e.g. a projector) has its path modules as units (a ModuleList path,
+    such as Qwen3-VL's deepstack mergers, contributes its members)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    out: dict[str, list[nn.Module]] = {}
+    for g in self.module_groups():
+        excluded = {id(model.get_submodule(e)) for e in g.exclude}
+        layers: list[nn.Module] = []
+
+        def walk(m: nn.Module) -> None:
+            if id(m) in excluded:
+                return
+            if isinstance(m, GradientCheckpointingLayer):
+                layers.append(m)
+                return
+            for child in m.children():
+                walk(child)
+
+        for p in g.paths:
+            walk(model.get_submodule(p))
+        if not layers:  # e.g. a projector: its modules (the members of a ModuleList) are the units
+            for p in g.paths:
+                m = model.get_submodule(p)
+                layers.extend(m.children() if isinstance(m, (nn.ModuleList, nn.ModuleDict)) else [m])
+        out[g.name] = layers
+    return out
+
+
+ModelFamily.module_roots = _module_roots
+ModelFamily.module_layers = _module_layers

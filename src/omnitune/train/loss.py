@@ -1,11 +1,31 @@
 """Causal-LM loss from hidden states: logits = hidden @ lm_head, cross-entropy on the next token,
-labels -100 ignored. Logits are computed in fp32 as Hugging Face does."""
+labels -100 ignored. Logits are computed in fp32 as Hugging Face does.
+
+Loss types (SPEC section 7; model.json ``loss_cfg.loss_type`` or --calculate-per-*-loss). Each is
+one weighted sum of token losses over the whole global batch, ``L = sum_i w_i * l_i``, with the
+weights fixed before any backward from counts taken up front (:func:`token_weights`):
+
+- ``default``:         w = 1 / (trained tokens of its micro-batch * micro-batches per step * DP size)
+                       (token mean per micro-batch, then mean over grad-acc and data-parallel ranks)
+- ``per_sample_loss``: w = 1 / (trained tokens of its sample * samples in the global batch)
+                       (token mean per sample, then mean over the samples with >= 1 trained token)
+- ``per_token_loss``:  w = 1 / (trained tokens in the global batch)
+
+Compute modes (``loss_cfg.compute_mode``): ``default`` builds the logits of all trained positions at
+once; ``chunk`` / ``dynamic_chunk`` go through :mod:`omnitune.ops.chunked_ce` so only one chunk of
+logits is alive (``chunk``: chunks of ``chunk_size`` trained positions; ``dynamic_chunk``: the trained
+positions of the micro-batch split into ``ceil(N / chunk_size)`` equal chunks, none above chunk_size).
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+LOSS_TYPES = ("default", "per_sample_loss", "per_token_loss")
+COMPUTE_MODES = ("default", "chunk", "dynamic_chunk")
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -13,11 +33,78 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
 
-def token_losses(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (sum of token losses, number of trained tokens) for one micro-batch."""
+def trained_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: positions whose next token is trained."""
+    return shift_labels(labels) != IGNORE_INDEX
+
+
+def chunk_rows(n: int, compute_mode: str, chunk_size: int | None) -> int | None:
+    """Rows per chunk for ``n`` trained positions, or None for the unchunked path."""
+    if compute_mode == "default":
+        return None
+    if not chunk_size or chunk_size < 1:
+        raise ValueError(f"loss_cfg.compute_mode {compute_mode!r} needs loss_cfg.chunk_size >= 1")
+    if compute_mode == "chunk":
+        return chunk_size
+    if compute_mode == "dynamic_chunk":
+        if n == 0:
+            return chunk_size
+        return math.ceil(n / math.ceil(n / chunk_size))
+    raise ValueError(f"unknown loss_cfg.compute_mode {compute_mode!r}; one of {COMPUTE_MODES}")
+
+
+def token_losses(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
+                 weights: torch.Tensor | None = None, compute_mode: str = "default",
+                 chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (sum of token losses, number of trained tokens) for one micro-batch.
+
+    ``weights`` ([B, S], aligned with the shifted labels, see :func:`token_weights`) turns the sum
+    into ``sum_i w_i * l_i``; without it every trained token has weight 1.
+    """
     target = shift_labels(labels)
     mask = target != IGNORE_INDEX
     h = hidden[mask]                      # only trained positions go through the vocab projection
-    logits = lm_head(h).float()
-    loss_sum = F.cross_entropy(logits, target[mask], reduction="sum")
+    t = target[mask]
+    rows = chunk_rows(h.shape[0], compute_mode, chunk_size)
+    if rows is None:
+        logits = lm_head(h).float()
+        per_token = F.cross_entropy(logits, t, reduction="none")
+    else:
+        from omnitune.ops.chunked_ce import chunked_linear_cross_entropy
+        per_token = chunked_linear_cross_entropy(h, lm_head.weight, lm_head.bias, t, rows)
+    if weights is None:
+        loss_sum = per_token.sum()
+    else:
+        loss_sum = (per_token * weights[mask].to(per_token.dtype)).sum()
     return loss_sum, mask.sum()
+
+
+# ------------------------------------------------------------------------------------- loss types
+def local_counts(labels_list: list[torch.Tensor]) -> torch.Tensor:
+    """[trained tokens, samples with >= 1 trained token] over this rank's micro-batches (float64)."""
+    tokens = samples = 0
+    for labels in labels_list:
+        per_sample = trained_mask(labels).sum(-1)
+        tokens += int(per_sample.sum())
+        samples += int((per_sample > 0).sum())
+    return torch.tensor([tokens, samples], dtype=torch.float64)
+
+
+def token_weights(labels: torch.Tensor, loss_type: str, *, micro_batches: int,
+                  global_tokens: float, global_samples: float) -> torch.Tensor:
+    """[B, S] fp32 weights of one micro-batch's token losses so that the sum of ``w_i * l_i`` over
+    every micro-batch of every rank is the global-batch loss of ``loss_type``.
+
+    micro_batches: micro-batches in the global batch (grad-acc x DP);
+    global_tokens / global_samples: trained tokens / samples with a trained token in the global batch.
+    """
+    mask = trained_mask(labels).to(torch.float64)
+    if loss_type == "default":
+        w = mask / (mask.sum().clamp(min=1) * micro_batches)
+    elif loss_type == "per_sample_loss":
+        w = mask / (mask.sum(-1, keepdim=True).clamp(min=1) * max(global_samples, 1.0))
+    elif loss_type == "per_token_loss":
+        w = mask / max(global_tokens, 1.0)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; one of {LOSS_TYPES}")
+    return w.to(torch.float32)

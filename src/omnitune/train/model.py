@@ -9,21 +9,92 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from omnitune.config.errors import ConfigError
 from omnitune.models.base import ModelFamily
 from omnitune.train.loss import token_losses
 
 
 class TrainModel(nn.Module):
-    def __init__(self, hf_model: nn.Module, family: ModelFamily):
+    """``model_cfg`` (the parsed model.json) brings the per-module settings (attention
+    implementation, fused MoE, recompute, activation offload) and loss_cfg; they are applied here,
+    before FSDP2 wraps the model."""
+
+    def __init__(self, hf_model: nn.Module, family: ModelFamily, model_cfg=None):
         super().__init__()
         self.hf = hf_model
         self.family = family
+        loss_cfg = getattr(model_cfg, "loss_cfg", None)
+        self.compute_mode = loss_cfg.compute_mode if loss_cfg else "default"
+        self.chunk_size = loss_cfg.chunk_size if loss_cfg else None
+        self.router_aux_coef = float(loss_cfg.router_aux_loss_coef) if loss_cfg else 0.0
+        self.settings_report: dict = {}
+        self.offload_stats: dict = {}
+        if model_cfg is not None:
+            self.settings_report = apply_module_settings(hf_model, family, model_cfg, self.offload_stats)
+        self._router = None
+        if self.router_aux_coef:
+            from omnitune.ops.moe import RouterAuxLoss
+            roots = [m for ms in family.module_roots(hf_model).values() for m in ms]
+            try:
+                self._router = RouterAuxLoss(hf_model, roots)
+            except ValueError as e:
+                raise ConfigError(f"model.json loss_cfg.router_aux_loss_coef: {e}; remove it") from None
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (sum of token losses, trained-token count, aux term to add to the loss)."""
+        """Return (sum of token losses, trained-token count, aux term to add to the loss).
+
+        With ``batch["loss_weights"]`` ([B, S], see train.loss.token_weights) the first item is the
+        weighted sum. The aux term holds ``router_aux_loss_coef x`` the router load-balancing loss of
+        this micro-batch when that coefficient is set."""
+        if self._router is not None:
+            self._router.start()
         hidden, aux = self.family.forward_hidden(self.hf, batch)
-        loss_sum, n = token_losses(hidden, self.family.lm_head(self.hf), batch["labels"])
+        loss_sum, n = token_losses(hidden, self.family.lm_head(self.hf), batch["labels"],
+                                   batch.get("loss_weights"), self.compute_mode, self.chunk_size)
+        if self._router is not None:
+            aux = aux + self.router_aux_coef * self._router.loss(batch.get("attention_mask")).to(aux.dtype)
         return loss_sum, n, aux
+
+
+def apply_module_settings(hf_model: nn.Module, family: ModelFamily, model_cfg, offload_stats=None) -> dict:
+    """Apply model.json per-module settings to the HF model (before FSDP2). Returns what was done
+    per module, e.g. {"text_decoder": {"recompute": 2, "offload": 0, "experts": 2}}."""
+    from omnitune.ops.attention import set_attn_implementation
+    from omnitune.ops.moe import experts_modules, set_experts_implementation
+    from omnitune.ops.recompute import apply_recompute_and_offload
+
+    settings = model_cfg.modules()
+    roots = family.module_roots(hf_model)
+    report: dict[str, dict] = {}
+    for name, mod in settings.items():
+        if name not in roots:
+            if any(getattr(mod, k) for k in ("attn_implementation", "recompute_granularity", "activation_offload",
+                                             "use_npu_fused_moe")):
+                raise ConfigError(f"model.json {name}: this model ({family.name}) has no such module")
+            continue
+        if mod.attn_implementation:
+            if not set_attn_implementation(roots[name], mod.attn_implementation):
+                raise ConfigError(f"model.json {name}.attn_implementation: {name} has no attention layers; "
+                                  f"remove the key")
+            report.setdefault(name, {})["attn"] = mod.attn_implementation
+    # experts: fused where the module asks for it, transformers' eager loop everywhere else (its
+    # default, grouped_mm, fails on some operand layouts; see ops/moe.py)
+    fused_ids = set()
+    for name, mod in settings.items():
+        if name in roots and mod.use_npu_fused_moe:
+            ex = [e for r in roots[name] for e in experts_modules(r)]
+            if not ex:
+                raise ConfigError(f"model.json {name}.use_npu_fused_moe: {name} of {family.name} has no MoE "
+                                  f"experts; remove the key")
+            set_experts_implementation(ex, fused=True)
+            fused_ids |= {id(e) for e in ex}
+            report.setdefault(name, {})["experts"] = len(ex)
+    set_experts_implementation([e for e in experts_modules(hf_model) if id(e) not in fused_ids], fused=False)
+    layers = family.module_layers(hf_model)
+    for name, r in apply_recompute_and_offload(layers, {k: v for k, v in settings.items() if k in roots},
+                                               offload_stats).items():
+        report.setdefault(name, {}).update(r)
+    return report
 
 
 def load_hf_model(family: ModelFamily, hf_dir: str | None, config=None, init_weights: bool = True) -> nn.Module:

@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 from omnitune.checkpoint import dcp as ckpt_io
+from omnitune.checkpoint.mm_load import is_mm_checkpoint, load_mm_weights
 from omnitune.config.errors import ConfigError
 from omnitune.config.model import check_against_hf_config, load_model_json, unsupported_settings
-from omnitune.config.train import TrainArgs, parse_train_args
+from omnitune.config.train import TrainArgs, parse_train_args, resolve_loss_type
 from omnitune.data.formats import DataError
 from omnitune.models.registry import family_for_model_id
 from omnitune.train.metrics import Logger
@@ -37,7 +38,7 @@ class Plan:
     family: object
     hf_dir: str               # architecture + processor source (original HF folder)
     hf_config: object
-    load_kind: str            # "hf" | "resume" | "none"
+    load_kind: str            # "hf" | "mm" | "resume" | "none"
     load_path: str | None
     ignored_flags: list[str] = field(default_factory=list)
 
@@ -77,14 +78,16 @@ def make_plan(argv: list[str]) -> tuple[Plan, bool]:
     problems = unsupported_settings(model_cfg)
     if problems:
         raise ConfigError(f"{args.mm_model}: {problems[0]}")
-    family = family_for_model_id(model_cfg.model_id)
+    resolve_loss_type(args, model_cfg, args.mm_model)  # contradicting loss-type settings fail here
 
     load_kind, load_path = "none", args.load
     if args.load:
         lp = Path(args.load)
         if not lp.exists():
             raise ConfigError(f"--load {args.load}: no such folder")
-        if ckpt_io.is_training_checkpoint_root(lp):
+        if is_mm_checkpoint(lp):  # MindSpeed-MM layout (mm-convert hf_to_mm): weights only
+            load_kind = "mm"
+        elif ckpt_io.is_training_checkpoint_root(lp):
             load_kind = "resume"
             meta = ckpt_io.read_trainer_state(ckpt_io.resolve_checkpoint(lp))  # fails early if `latest` points nowhere
             if not args.no_load_optim and not meta.get("has_optim", False):
@@ -102,14 +105,29 @@ def make_plan(argv: list[str]) -> tuple[Plan, bool]:
         raise ConfigError(f"the original HF folder (model.json init_from_hf_path or data.json "
                           f"preprocess_parameters.model_name_or_path) has no config.json: {hf_dir}")
     hf_config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
-    if type(hf_config).__name__ != family.hf_config_class_name:
-        raise ConfigError(f"{args.mm_model}: model_id {model_cfg.model_id!r} expects a "
-                          f"{family.hf_config_class_name} but {hf_dir}/config.json is {type(hf_config).__name__}")
+    family = family_for_folder_and_model_id(hf_config, hf_dir, model_cfg.model_id, args.mm_model)
     check_against_hf_config(model_cfg, family, hf_config, args.mm_model)
-    if load_kind == "none" and not model_cfg.init_from_hf_path:
-        # Train from the original HF weights when nothing else is given (seed: init_from_hf_path).
+    if load_kind == "none":
+        # Nothing else given: train from the original HF weights (seed: init_from_hf_path).
         load_kind, load_path = "hf", hf_dir
     return Plan(args, data_cfg, model_cfg, family, hf_dir, hf_config, load_kind, load_path, ignored), dry_run
+
+
+def family_for_folder_and_model_id(hf_config, hf_dir, model_id: str, source: str):
+    """The family is the HF folder's (its config.json class); model.json's model_id must name it.
+    A family may also accept another family's id that MindSpeed-MM's own examples use for it
+    (``legacy_model_ids``: its Qwen2.5-Omni model_7b.json says "qwen2_5vl")."""
+    from omnitune.models.registry import family_for_hf_config
+
+    named = family_for_model_id(model_id)
+    try:
+        family = family_for_hf_config(hf_config)
+    except ValueError:
+        family = None
+    if family is not named and (family is None or model_id not in getattr(family, "legacy_model_ids", ())):
+        raise ConfigError(f"{source}: model_id {model_id!r} expects a {named.hf_config_class_name} but {hf_dir}/config.json is "
+                          f"{type(hf_config).__name__}" + (f" (model_id {family.model_ids[0]!r})" if family else ""))
+    return family
 
 
 def seed_everything(seed: int) -> None:
@@ -140,22 +158,42 @@ class Trainer:
         self.grad_acc = self.gbs // (a.micro_batch_size * world)
         seed_everything(a.seed)
 
-        # data
+        # data: map-style (built once, cached) or streaming (read lazily, position in checkpoints)
         processor = AutoProcessor.from_pretrained(plan.hf_dir, trust_remote_code=False)
-        self.dataset, self.val_dataset = build_datasets(plan.data_cfg, processor, a.seq_length, seed=a.seed)
         dl = plan.data_cfg.dataloader_param
-        self._loader_args = dict(collate_fn=Collator(processor.tokenizer.pad_token_id),
-                                 num_workers=a.num_workers, pin_memory=dl.pin_memory and dist_ctx.device.type != "cpu")
+        self.streaming = plan.data_cfg.dataset_param.basic_parameters.streaming
+        self.num_workers = dl.num_workers if dl.num_workers is not None else a.num_workers  # data.json wins
+        collate = Collator(processor.tokenizer.pad_token_id,
+                           use_audio_in_video=plan.data_cfg.dataset_param.preprocess_parameters.use_audio_in_video)
+        if self.streaming:
+            from omnitune.data.streaming import build_streaming_datasets
+            self.dataset, self.val_dataset = build_streaming_datasets(
+                plan.data_cfg, processor, a.seq_length, micro_batch_size=a.micro_batch_size, collate_fn=collate,
+                dp_rank=dist_ctx.rank, dp_size=world, num_workers=self.num_workers, seed=a.seed)
+        else:
+            self.dataset, self.val_dataset = build_datasets(plan.data_cfg, processor, a.seq_length, seed=a.seed)
+        self._loader_args = dict(num_workers=self.num_workers,
+                                 pin_memory=dl.pin_memory and dist_ctx.device.type != "cpu")
         self._make_loader = lambda sampler, ds=None: DataLoader(ds if ds is not None else self.dataset,
-                                                                batch_sampler=sampler, **self._loader_args)
+                                                                batch_sampler=sampler, collate_fn=collate,
+                                                                **self._loader_args)
 
         # model
         init = plan.load_kind == "hf"
         hf = load_hf_model(plan.family, plan.load_path if init else None, plan.hf_config, init_weights=init)
+        if plan.load_kind == "mm":
+            load_mm_weights(plan.load_path, plan.family, hf)
         frozen = {n for n, m in plan.model_cfg.modules().items() if m.freeze}
         self.trainable = apply_freeze(hf, plan.family, frozen)
         hf.to(dist_ctx.device)
-        self.model = TrainModel(hf, plan.family)
+        self.model = TrainModel(hf, plan.family, plan.model_cfg)
+        self.loss_type = resolve_loss_type(a, plan.model_cfg, a.mm_model)
+        lc = plan.model_cfg.loss_cfg
+        self.log(f"loss       : {self.loss_type}, logits {lc.compute_mode}"
+                 + (f" (chunk {lc.chunk_size})" if lc.compute_mode != "default" else "")
+                 + (f", router aux x {lc.router_aux_loss_coef}" if lc.router_aux_loss_coef else ""))
+        for name, what in self.model.settings_report.items():
+            self.log(f"module     : {name}: " + ", ".join(f"{k} {v}" for k, v in what.items()))
         apply_fsdp(self.model, plan.family.fsdp_units(hf), dist_ctx.mesh, a.bf16)
         self.optimizer = build_optimizer(self.model, a.lr, a.weight_decay, (a.adam_beta1, a.adam_beta2),
                                          a.adam_eps, allow_empty=a.enable_dummy_optimizer)
@@ -167,8 +205,17 @@ class Trainer:
                                            load_optim=not a.no_load_optim, load_rng=not a.no_load_rng)
             self.iteration = int(meta.get("iteration", 0))
             self.consumed = int(meta.get("consumed_samples", 0))
+            if self.streaming:
+                try:
+                    data_state = ckpt_io.read_data_state(ckpt)
+                except FileNotFoundError as e:
+                    raise ConfigError(f"--load {plan.load_path}: {e}") from None
+                if data_state is None:
+                    raise ConfigError(f"--load {plan.load_path}: {ckpt} holds no streaming data position (saved "
+                                      f"by a run without streaming); resume it without streaming: true")
+                self.dataset.load_state_dict(data_state, source=str(ckpt))
             self.log(f"resumed from {ckpt} at iteration {self.iteration} ({self.consumed} samples consumed)")
-        self.sampler = MicroBatchSampler(
+        self.sampler = None if self.streaming else MicroBatchSampler(
             len(self.dataset), a.micro_batch_size, self.gbs, dist_ctx.rank, world,
             shuffle=dl.shuffle, seed=a.seed, drop_last=dl.drop_last,
             consumed_samples=self.consumed)
@@ -181,28 +228,47 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- step
     def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this rank's micro-batches.
+
+        The loss of the step is ``sum_i w_i * l_i`` over every trained token of the global batch
+        (train.loss: the weights encode default / per_sample_loss / per_token_loss). Global counts
+        are taken from the labels before any forward (one all-reduce), so each micro-batch's
+        backward already carries its final weight. FSDP2 averages gradients over the DP ranks, so
+        each rank backpropagates ``world x`` its part; the router aux term is a mean over
+        micro-batches and ranks like the default loss."""
+        from omnitune.train.loss import local_counts, token_weights
+
         a, dev = self.args, self.d.device
-        model = self.model
+        model, world = self.model, self.d.world_size
+        counts = local_counts([mb["labels"] for mb in micro_batches]).to(dev)
+        if self.loss_type != "default":
+            dist.all_reduce(counts)
+        n_micro = len(micro_batches) * world
         local_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        local_aux = torch.zeros((), dtype=torch.float64, device=dev)
         local_tokens = torch.zeros((), dtype=torch.float64, device=dev)
         for i, mb in enumerate(micro_batches):
+            mb = dict(mb)
+            mb["loss_weights"] = token_weights(mb["labels"], self.loss_type, micro_batches=n_micro,
+                                               global_tokens=float(counts[0]), global_samples=float(counts[1]))
             mb = _to_device(mb, dev)
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
-                loss_sum, n, aux = model(mb)
-            # default loss type: token mean per micro-batch, then mean over grad-acc and DP
-            loss_mb = loss_sum / n.clamp(min=1)
-            (loss_mb / self.grad_acc + aux).backward()
-            local_loss += loss_mb.detach().double()
+                loss_part, _, aux = model(mb)
+            (loss_part * world + aux / len(micro_batches)).backward()
+            local_loss += loss_part.detach().double()
+            local_aux += aux.detach().double() / n_micro
             local_tokens += float(mb["attention_mask"].sum())
         grad_norm = self._clip_grad()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        stats = torch.stack([local_loss, local_tokens])
+        stats = torch.stack([local_loss, local_aux, local_tokens])
         dist.all_reduce(stats)
-        n_mb = self.grad_acc * self.d.world_size
-        return {"loss": stats[0].item() / n_mb, "tokens": stats[1].item(), "grad_norm": grad_norm}
+        out = {"loss": stats[0].item() + stats[1].item(), "tokens": stats[2].item(), "grad_norm": grad_norm}
+        if self.model.router_aux_coef:
+            out["aux_loss"] = stats[1].item()
+        return out
 
     def _clip_grad(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -220,7 +286,7 @@ class Trainer:
         stop_at = a.train_iters
         if a.exit_interval:
             stop_at = min(stop_at, (self.iteration // a.exit_interval + 1) * a.exit_interval)
-        loader_iter = iter(self._make_loader(self.sampler))
+        loader_iter = iter(self._train_loader())
         losses = []
         self.model.train()
         while self.iteration < stop_at:
@@ -228,7 +294,7 @@ class Trainer:
                        total=a.train_iters, style=a.lr_decay_style)
             set_lr(self.optimizer, lr)
             t0 = time.perf_counter()
-            micro = [next(loader_iter) for _ in range(self.grad_acc)]
+            micro = [self._next_micro_batch(loader_iter) for _ in range(self.grad_acc)]
             stats = self.train_step(micro)
             if self.d.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -248,6 +314,27 @@ class Trainer:
             self.save()
         self.logger.finish()
         return losses
+
+    def _train_loader(self):
+        from torch.utils.data import DataLoader
+
+        if self.streaming:  # the dataset yields collated micro-batches of this rank
+            return DataLoader(self.dataset, batch_size=None, **self._loader_args)
+        return self._make_loader(self.sampler)
+
+    def _next_micro_batch(self, loader_iter) -> dict:
+        """The next training micro-batch; a streaming batch's position is recorded as consumed."""
+        try:
+            mb = next(loader_iter)
+        except DataError as e:  # raised in a DataLoader worker: drop the worker's traceback text
+            msg = str(e)
+            if msg.startswith("Caught DataError") and "DataError: " in msg:
+                msg = msg.rsplit("DataError: ", 1)[1].strip()
+            raise DataError(msg) from None
+        state = mb.pop("stream_state", None)
+        if state is not None:
+            self.dataset.advance(state)
+        return mb
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -279,7 +366,8 @@ class Trainer:
                  "scheduler": {"lr": a.lr, "min_lr": a.min_lr, "warmup_iters": a.warmup_iters,
                                "decay_style": a.lr_decay_style, "num_steps": self.iteration}}
         path = ckpt_io.save_checkpoint(a.save, self.iteration, self.model.hf, self.optimizer, state,
-                                       save_optim=not a.no_save_optim, save_rng=not a.no_save_rng)
+                                       save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
+                                       data_state=self.dataset.state_dict() if self.streaming else None)
         self.log(f"saved checkpoint {path}")
 
 

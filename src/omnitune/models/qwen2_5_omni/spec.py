@@ -60,6 +60,8 @@ SIZES = {
 class Qwen2_5OmniFamily(ModelFamily):
     name = "qwen2_5_omni"
     model_ids = ("qwen2_5_omni",)
+    #: MindSpeed-MM's examples/qwen2.5omni/model_7b.json says "qwen2_5vl"; accepted with an Omni folder
+    legacy_model_ids = ("qwen2_5vl",)
     template = "qwen2_omni"
     hf_class_name = "Qwen2_5OmniThinkerForConditionalGeneration"
     hf_config_class_name = "Qwen2_5OmniConfig"

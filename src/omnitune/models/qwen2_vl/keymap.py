@@ -249,3 +249,11 @@ def _rename(key: str, table, what: str) -> str:
         if p.fullmatch(key):
             return p.sub(r, key)
     raise ConvertError(f"{what} weight {key!r} is not known to the Qwen2-VL keymap")
+
+
+def sizes_from_layout(parallel) -> Sizes:
+    """Layer counts from a layout (resplit without an HF folder); head counts unknown (0)."""
+    from omnitune.convert.layout import flat
+
+    return Sizes(llm_layers=sum(flat(parallel.llm_pp_layers)), heads=0, kv_heads=0, head_dim=0,
+                 vit_layers=sum(flat(parallel.vit_pp_layers)), vit_heads=0, vit_dim=0, tie=False)
