@@ -25,6 +25,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
+	$(PY) bench/data_prep.py
+	$(PY) bench/convert.py
 
 clean:
 	rm -rf demo_out bench_out
