@@ -12,6 +12,7 @@ via use_audio_in_video), the family's template, a model.json; then
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -104,10 +105,19 @@ def test_family_train_resume_export_through_cli(name, tiny_model_dir, tmp_path):
     from transformers import AutoConfig, AutoProcessor
 
     from omnitune.checkpoint.dcp import load_model_weights_from_dcp, resolve_checkpoint
+    from omnitune.cli.main import main as cli_main
     from omnitune.config.data import load_data_config
     from omnitune.data import Collator, build_train_dataset
     from omnitune.models.registry import get_family
     from omnitune.train.model import load_hf_model
+
+    t0 = time.perf_counter()
+    times = {}
+
+    def lap(what):   # per-phase wall time, shown with pytest -s
+        nonlocal t0
+        times[what] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
 
     fam = get_family(name)
     hf_dir = tiny_model_dir(name)
@@ -122,6 +132,7 @@ def test_family_train_resume_export_through_cli(name, tiny_model_dir, tmp_path):
     # 1. straight run: 10 iterations, checkpoints at 5 and 10, the loss falls
     straight = tmp_path / "straight"
     train(straight, hf_dir)
+    lap("straight")
     ref = losses(straight)
     assert sorted(ref) == list(range(1, 11))
     assert (ref[9] + ref[10]) / 2 < 0.85 * (ref[1] + ref[2]) / 2, ref
@@ -131,14 +142,18 @@ def test_family_train_resume_export_through_cli(name, tiny_model_dir, tmp_path):
     train(stopped, hf_dir, ["--exit-interval", "5"])
     assert (stopped / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
     assert not (stopped / "iter_0000010").exists()
+    lap("stop")
     r = train(stopped, stopped)
     assert "at iteration 5" in r.stdout
+    lap("resume")
     got = losses(stopped)
     assert [got[i] for i in range(1, 11)] == [ref[i] for i in range(1, 11)], (got, ref)
 
     # 3. export of iteration 10 (the HF folder comes from the checkpoint's trainer state)
+    # (the `omnitune` command's own main, in this process: a subprocess would only add ~5 s of imports)
     out = tmp_path / "export"
-    omnitune(["export", "--load", str(straight), "--save", str(out)])
+    assert cli_main(["export", "--load", str(straight), "--save", str(out)]) == 0
+    lap("export")
     plain_full = fam.folder_class().from_pretrained(out, dtype=torch.float32).eval()
     assert type(plain_full).__name__ == (fam.hf_full_class_name or fam.hf_class_name)
     plain = getattr(plain_full, "thinker", plain_full) if fam.folder_prefix else plain_full
@@ -180,3 +195,12 @@ def test_family_train_resume_export_through_cli(name, tiny_model_dir, tmp_path):
         loaded, original = plain_full.state_dict(), orig_full.state_dict()
         outside = [k for k in loaded if not k.startswith(fam.folder_prefix)]
         assert outside and all(torch.equal(loaded[k], original[k]) for k in outside)
+        # never-used thinker parameters (Qwen2.5-Omni audio_bos_eos_token) are exported as they were
+        unused = [n for n, p in ours.named_parameters() if any(p is u for u in fam.unused_parameters(ours))]
+        assert len(unused) == (1 if name == "qwen2_5_omni" else 0)
+        for n in unused:
+            assert torch.equal(loaded[fam.folder_prefix + n], original[fam.folder_prefix + n]), n
+        for extra in (*fam.folder_extra_files, "config.json"):
+            assert (out / extra).read_bytes() == (hf_dir / extra).read_bytes(), extra
+    lap("checks")
+    print(f"{name}: {times} losses {[round(ref[i], 3) for i in range(1, 11)]}")
