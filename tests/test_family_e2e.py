@@ -11,6 +11,7 @@ via use_audio_in_video), the family's template, a model.json; then
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -55,11 +56,12 @@ def _dataset(family, data: Path) -> tuple[list[dict], bool]:
             s("<image><audio>Picture and sound?", "Noise and a tone.", images=[img[0]], audios=[aud[1]]),
         ]
     else:
-        samples += [s("Say goodbye.", "Goodbye now.")]
+        samples += [s("Say goodbye.", "Goodbye now."),
+                    s("<video><image>Which comes first?", "Bars, then noise.", videos=[vid[1]], images=[img[1]])]
     return samples, aiv
 
 
-def _configs(family, hf_dir: Path, root: Path) -> tuple[Path, Path, bool]:
+def _configs(family, hf_dir: Path, root: Path) -> tuple[Path, Path, bool, list[dict]]:
     samples, aiv = _dataset(family, root / "media")
     (root / "media" / "train.json").write_text(json.dumps(samples))
     attr = {"images": "images", "videos": "videos", "messages": "messages", "role_tag": "role",
@@ -86,7 +88,7 @@ def _configs(family, hf_dir: Path, root: Path) -> tuple[Path, Path, bool]:
     data_json, model_json = root / "data.json", root / "model.json"
     data_json.write_text(json.dumps(data, indent=2))
     model_json.write_text(json.dumps(model, indent=2))
-    return data_json, model_json, aiv
+    return data_json, model_json, aiv, samples
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -107,7 +109,7 @@ def test_family_train_resume_export_through_cli(name, tiny_model_dir, tmp_path):
     from omnitune.checkpoint.dcp import load_model_weights_from_dcp, resolve_checkpoint
     from omnitune.cli.main import main as cli_main
     from omnitune.config.data import load_data_config
-    from omnitune.data import Collator, build_train_dataset
+    from omnitune.data import Collator, MicroBatchSampler, build_train_dataset
     from omnitune.models.registry import get_family
     from omnitune.train.model import load_hf_model
 
@@ -121,7 +123,7 @@ def test_family_train_resume_export_through_cli(name, tiny_model_dir, tmp_path):
 
     fam = get_family(name)
     hf_dir = tiny_model_dir(name)
-    data_json, model_json, aiv = _configs(fam, hf_dir, tmp_path)
+    data_json, model_json, aiv, samples = _configs(fam, hf_dir, tmp_path)
 
     def train(save: Path, load: Path, extra=()):
         return omnitune(["train", "--nproc-per-node", "2",
@@ -161,6 +163,16 @@ def test_family_train_resume_export_through_cli(name, tiny_model_dir, tmp_path):
     # a collated batch of the dataset with every modality (and text-only) through the real pipeline
     processor = AutoProcessor.from_pretrained(hf_dir)
     ds = build_train_dataset(load_data_config(data_json), processor, SEQ)
+    assert len(ds) == len(samples)
+    # the 10 steps (shuffled, seed 7) include steps where one rank has media the other lacks, so the
+    # encoders' dummy inputs keep the FSDP collectives in line
+    kinds = [{k for k in ("images", "videos", "audios") if k in smp} for smp in samples]
+    steps = list(zip(*(itertools.islice(iter(MicroBatchSampler(len(ds), 1, 2, r, 2, shuffle=True, seed=7)), 10)
+                       for r in (0, 1))))
+    pairs = [(kinds[a[0]], kinds[b[0]]) for a, b in steps]
+    assert any(bool(x) != bool(y) for x, y in pairs), pairs                       # text-only vs media
+    if name in OMNI:
+        assert any(("audios" in x) != ("audios" in y) for x, y in pairs), pairs  # audio vs none
     items = [ds[i] for i in range(len(ds))]
     batch = Collator(processor.tokenizer.pad_token_id, use_audio_in_video=aiv)(items)
     need = {"pixel_values", "pixel_values_videos"} | ({"input_features"} if name in OMNI else set())
