@@ -170,7 +170,8 @@ def run_step(step: str, hf: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=False)
     r = subprocess.run([sys.executable, __file__, "--child", step, "--hf", str(hf), "--out", str(out)],
-                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", THP_MEM_ALLOC_ENABLE="1"))  # as the mm-convert CLI sets
     if r.returncode != 0:
         raise SystemExit(f"{step} failed:\n{r.stderr[-3000:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])

@@ -382,3 +382,27 @@ def test_streamed_pt_file_is_a_torch_save_file(tmp_path):
     w = PtWriter(tmp_path / "z.pt", {"model": {"a": a.to("meta")}})
     with pytest.raises(RuntimeError, match="never written"):
         w.close()
+
+
+def test_qwen2_5_vl_new_style_names_round_trip(tiny_model_dir, tmp_path):
+    """A folder saved with transformers-5 module names (model.visual., model.language_model.) converts
+    to the same mm tensors and comes back under its own names."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    hf = tiny_model_dir("qwen2_5_vl")
+    new = tmp_path / "new_style"
+    shutil.copytree(hf, new)
+    sd = load_file(new / "model.safetensors")
+    renamed = {("model.visual." + k[len("visual."):]) if k.startswith("visual.") else
+               ("model.language_model." + k[len("model."):]) if k.startswith("model.") else k: v for k, v in sd.items()}
+    assert set(renamed) != set(sd)
+    save_file(renamed, str(new / "model.safetensors"), metadata={"format": "pt"})
+    par = dict(llm_pp_layers=[[1, 1]], vit_pp_layers=[[2, 0]], tp_size=2)
+    convert(Qwen2_5_VLConverter, new, tmp_path / "mm_new", tmp_path / "hf_new", par)
+    assert_same_folder(new, tmp_path / "hf_new")
+    Qwen2_5_VLConverter.hf_to_mm(HfToMmConfig(mm_dir=tmp_path / "mm_old", hf_config={"hf_dir": hf}, parallel_config=par))
+    for f in (tmp_path / "mm_old").rglob(RANK_FILE):
+        a, b = load_pt(f)["model"], load_pt(tmp_path / "mm_new" / f.relative_to(tmp_path / "mm_old"))["model"]
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

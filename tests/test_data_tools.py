@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
+
+from media_util import MLLM_ATTR, jpeg, mp4, sampled, wav, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "qwen2vl" / "llava_instruct_2_mllm_demo_format.py"
@@ -108,11 +112,151 @@ def test_inspect_counts_and_marks_trained_tokens(tmp_path, tiny_qwen2vl):
     r = subprocess.run([sys.executable, "-m", "omnitune.cli.main", "data", "inspect", "--mm-data", str(data_json),
                         "--index", "0"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "samples        : 48 (32 with images, 16 text-only)" in r.stdout
+    assert "samples        : 48 (32 with images, 16 text-only); 48 read, 0 dropped" in r.stdout
     assert "images         : 32" in r.stdout
-    sample = r.stdout.split("trained tokens in [[...]]\n", 1)[1]
+    assert "(built now)" in r.stdout  # demo_configs sets cache_dir
+    assert "  image 0: " in r.stdout.split("--- sample 0", 1)[1]  # sample 0 has an image
+    sample = r.stdout.split("--- sequence (", 1)[1].split("\n", 1)[1]
     assert sample.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
     assert sample.rstrip().endswith("<|im_end|>\n]]")
     r = subprocess.run([sys.executable, "-m", "omnitune.cli.main", "data", "inspect", "--mm-data", str(data_json),
                         "--index", "99"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--index 99: the dataset has 48 samples" in r.stderr
+    assert "(reused)" not in r.stderr and "Traceback" not in r.stderr
+
+
+def _unfold(text: str) -> str:
+    """Undo render_sample's marks: [[...]] removed, <tok>xN expanded."""
+    text = re.sub(r"(<\|[A-Za-z_]+\|>)x(\d+)", lambda m: m.group(1) * int(m.group(2)), text)
+    return text.replace("[[", "").replace("]]", "")
+
+
+def test_inspect_omni_image_video_audio_counts_skips_and_cache(tmp_path, tiny_model_dir):
+    """Qwen2.5-Omni with an image, a video with its sound track (use_audio_in_video) and an audio;
+    one sample truncated, one dropped for media past the limit, one dropped with no trained token."""
+    from transformers import AutoProcessor
+
+    from omnitune.data.tools.inspect import inspect_data
+
+    hf = tiny_model_dir("qwen2_5_omni")
+    jpeg(tmp_path / "a.jpg")
+    mp4(tmp_path / "v.mp4", n_frames=20, fps=10, audio_rate=16000)
+    wav(tmp_path / "s.wav", seconds=1.5)
+    long = " word" * 300
+    samples = [
+        {"messages": [{"role": "user", "content": "<image><video><audio>What is it?"},
+                      {"role": "assistant", "content": "A cat, 猫."}],
+         "images": ["a.jpg"], "videos": ["v.mp4"], "audios": ["s.wav"]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Long" + long}]},
+        {"messages": [{"role": "user", "content": long + "<image>"}, {"role": "assistant", "content": "x"}],
+         "images": ["a.jpg"]},
+        {"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "x"}]},
+    ]
+    data_json = write_config(tmp_path, samples, template="qwen2_omni",
+                             pre={"model_name_or_path": str(hf), "use_audio_in_video": True},
+                             basic={"cutoff_len": 200, "cache_dir": str(tmp_path / "cache")})
+    out = inspect_data(str(data_json), index=0)
+    lines = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip() for ln in out.splitlines()[:13] if ":" in ln}
+    assert lines["samples"] == "3 (1 with images, 1 with videos, 1 with audios, 2 text-only); 5 read, 2 dropped"
+    assert lines["truncated"].startswith("1 ")
+    assert lines["dropped"] == "1 (media would be cut at the limit), 1 (no trained token)"
+    assert "limit 200" in lines["tokens"]
+    _, idx, _, _, _ = sampled(tmp_path / "v.mp4", 2.0)
+    assert lines["videos"].startswith(f"1 ({len(idx)} frames sampled at video_fps 2.0")
+    assert lines["audios"] == "1 (1.5 s at 16000 Hz)"
+    assert lines["video audio"].startswith("1 track (")
+    assert "(built now)" in lines["build"]
+
+    # the rendered sample: media pads folded to what the HF processors give at item time
+    from omnitune.config.data import load_data_config
+    from omnitune.data.dataset import SFTDataset
+    proc = AutoProcessor.from_pretrained(hf)
+    ds = SFTDataset(load_data_config(data_json), proc, 200)
+    item = ds[0]
+    merge = proc.image_processor.merge_size
+    n_image = int(item["image_grid_thw"].prod()) // merge ** 2
+    n_video = int(item["video_grid_thw"].prod()) // merge ** 2
+    n_audio = int((item["mm_token_type_ids"] == 3).sum())
+    assert n_audio > 0 and lines["media tokens"].startswith(f"image {n_image}, video {n_video}, audio {n_audio}")
+    rendered = out.split("--- sequence (", 1)[1].split("\n", 1)[1]
+    assert f"<|vision_bos|><|IMAGE|>x{n_image}<|vision_eos|>" in rendered
+    assert "<|VIDEO|>x" in rendered and "<|AUDIO|>x" in rendered
+    assert rendered.rstrip().endswith("<|im_start|>assistant\n[[A cat, 猫.<|im_end|>\n]]")
+    assert _unfold(rendered) == proc.tokenizer.decode(item["input_ids"].tolist())
+    assert sum(int(m) for m in re.findall(r"<\|AUDIO\|>x(\d+)", rendered)) == n_audio
+
+    # second run: the cache entry is reused; a changed image invalidates it
+    assert "(reused)" in inspect_data(str(data_json), index=0).splitlines()[1]
+    jpeg(tmp_path / "a.jpg", seed=1)
+    assert "(built now)" in inspect_data(str(data_json), index=1).splitlines()[1]
+
+
+def test_inspect_qwen3_vl_preference_pairs_show_chosen_and_rejected(tmp_path, tiny_model_dir):
+    from omnitune.data.tools.inspect import inspect_data
+
+    hf = tiny_model_dir("qwen3_vl")
+    mp4(tmp_path / "v.mp4", n_frames=20, fps=10)
+    jpeg(tmp_path / "a.jpg")
+    pairs = [{"messages": [{"role": "user", "content": "<video>What moves?"}],
+              "chosen": {"role": "assistant", "content": "Bars."},
+              "rejected": {"role": "assistant", "content": "Dogs."}, "videos": ["v.mp4"]},
+             {"messages": [{"role": "user", "content": "<image>Colour?"}],
+              "chosen": "Noise.", "rejected": "Red.", "images": ["a.jpg"]}]
+    data_json = write_config(tmp_path, pairs, template="qwen3_vl_nothink", pre={"model_name_or_path": str(hf)},
+                             basic={"val_rate": 0.5, "val_dataset": "d.json"},
+                             attr={**MLLM_ATTR, "ranking": True, "chosen": "chosen", "rejected": "rejected"})
+    out = inspect_data(str(data_json), index=0)
+    # settings the trainer would refuse are shown, the data is still inspected
+    assert "trainer refuses: basic_parameters.val_dataset and val_rate are both set; use one of them" in out
+    assert "samples        : 2 preference pairs (1 with images, 1 with videos, 0 text-only); 2 read, 0 dropped" in out
+    assert "cache off" in out
+    chosen = out.split("--- chosen", 1)[1].split("--- rejected", 1)[0]
+    rejected = out.split("--- rejected", 1)[1]
+    assert chosen.rstrip().endswith("<|im_start|>assistant\n[[Bars.<|im_end|>\n]]")
+    assert rejected.rstrip().endswith("<|im_start|>assistant\n[[Dogs.<|im_end|>\n]]")
+    # Qwen3-VL video: one timestamped block per temporal grid step, at the sampled frames' mean times
+    _, idx, fps, _, _ = sampled(tmp_path / "v.mp4", 2.0)
+    stamps = [(idx[k] / fps + idx[k + 1] / fps) / 2 for k in range(0, len(idx), 2)]
+    blocks = re.findall(r"<([0-9.]+) seconds><\|vision_start\|><\|video_pad\|>x(\d+)<\|vision_end\|>", chosen)
+    assert [float(s) for s, _ in blocks] == [round(s, 1) for s in stamps]
+    assert len({n for _, n in blocks}) == 1
+    assert chosen.split("\n", 1)[1].split("[[")[0] == rejected.split("\n", 1)[1].split("[[")[0]  # same prompt
+    assert "<think>" not in chosen  # the nothink template
+    assert "--index 2: the dataset has 2 samples" in str(pytest.raises(ValueError, inspect_data, str(data_json),
+                                                                          index=2).value)
+
+
+def test_dry_run_plan_describes_the_data_settings(tmp_path, tiny_qwen2vl):
+    from spine_util import omnitune, train_flags, write_configs
+
+    data_json, model_json = write_configs(tmp_path, tiny_qwen2vl)
+    flags = train_flags(data_json, model_json, iters=2, save=tmp_path / "s", load=tiny_qwen2vl)
+    r = omnitune(["train", *flags, "--num-workers", "1", "--dry-run"])
+    assert f"data build : map-style, cache_dir {tmp_path / 'cache'}, preprocessing_num_workers 1" in r.stdout
+    assert "dataloader : num_workers 1 (--num-workers), shuffle True, drop_last True" in r.stdout
+    assert "media      : columns images=images; use_audio_in_video False" in r.stdout
+    assert "FSDP2 over 1 rank(s)" in r.stdout  # the other lines stay
+    d = json.loads(data_json.read_text())
+    bp = d["dataset_param"]["basic_parameters"]
+    bp.update(streaming=True, preprocessing_num_workers=2)
+    d["dataset_param"]["attr"]["videos"] = "videos"
+    d["dataloader_param"].update(num_workers=2, shuffle=False)
+    data_json.write_text(json.dumps(d))
+    r = omnitune(["train", *flags, "--num-workers", "1", "--dry-run"])
+    assert ("data build : streaming (read lazily, sharded by data-parallel rank, position saved in checkpoints); "
+            f"cache_dir {tmp_path / 'cache'}: unused") in r.stdout
+    assert "dataloader : num_workers 2 (data.json), shuffle False, drop_last True" in r.stdout
+    assert "media      : columns images=images, videos=videos; use_audio_in_video False" in r.stdout
+
+
+def test_readme_models_table_matches_the_registry():
+    """The README's Models table names each family's model_id, trained HF class and template."""
+    from omnitune.models.registry import FAMILIES, get_family
+
+    readme = (REPO / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `qwen")}
+    assert set(rows) == set(FAMILIES)
+    for name in FAMILIES:
+        fam, row = get_family(name), rows[name]
+        assert f"`{fam.model_ids[0]}`" in row and f"`{fam.hf_class_name}`" in row and f"`{fam.template}`" in row, row

@@ -62,6 +62,10 @@ def test_registry_ids_and_structure(name):
     assert family_for_hf_config(cfg) is fam
     t = fam.text_config(cfg)
     assert (t.hidden_size, t.num_hidden_layers) == (64, 2)
+    folder_cfg = fam.tiny_folder_config("tiny")     # Omni: the full model's config
+    assert type(folder_cfg).__name__ == fam.hf_config_class_name and family_for_hf_config(folder_cfg) is fam
+    assert fam.text_config(folder_cfg).to_dict() == t.to_dict()
+    assert fam.structure_sizes(folder_cfg) == fam.structure_sizes(cfg)
     # the config's special ids are the real checkpoint's
     real = REAL_TOKENS[name]
     img = "<|IMAGE|>" if name == "qwen2_5_omni" else "<|image_pad|>"

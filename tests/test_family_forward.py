@@ -117,3 +117,28 @@ def test_omni_loads_thinker_only_from_full_folder(name, tiny_model_dir):
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
     with safe_open(str(d / "model.safetensors"), "pt") as f:
         assert any(k.startswith("thinker.") for k in f.keys())
+
+
+def test_qwen3_omni_folder_with_audio_output_disabled(tiny_model_dir, family_batch, tmp_path):
+    """The Qwen3-Omni seed sets enable_audio_output=false in config.json (talker weights stay on
+    disk): the thinker still loads alone with the same tensors, and plain transformers loads the
+    folder (without building the talker) with the same thinker logits."""
+    import json
+    import shutil
+
+    fam = get_family("qwen3_omni_moe")
+    src = tiny_model_dir("qwen3_omni_moe")
+    d = tmp_path / "no_audio_out"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["enable_audio_output"] is True
+    cfg["enable_audio_output"] = False
+    (d / "config.json").write_text(json.dumps(cfg))
+    ours = load_hf_model(fam, str(d)).eval()
+    ref = load_hf_model(fam, str(src))
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ours.state_dict().items())
+    plain = fam.folder_class().from_pretrained(d)
+    assert not hasattr(plain, "talker")
+    batch = {k: v for k, v in family_batch("qwen3_omni_moe").items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(ours(**batch).logits, plain.thinker.eval()(**batch).logits)

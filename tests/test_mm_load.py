@@ -75,3 +75,29 @@ def test_training_from_mm_folder_starts_at_the_hf_loss(tiny_qwen2vl, tmp_path):
         if name == "mm":
             assert "load       : mm" in r.stdout, r.stdout
     assert first["mm"] == first["hf"], first
+
+
+@pytest.mark.parametrize("family,conv", [
+    ("qwen3_vl_moe", ["Qwen3VLConverter", "hf_to_dcp", "--hf_dir", "{hf}", "--dcp_dir", "{out}"]),
+    ("qwen3_omni_moe", ["ExpertMergeDcpConverter", "hf_to_dcp", "--hf_dir", "{hf}", "--save_dir", "{out}"]),
+])
+def test_model_from_mindspeed_dcp_equals_hf(tiny_model_dir, tmp_path, family, conv):
+    """Seed flows: LOAD_PATH=<hf_to_dcp output> (Qwen3-VL meta init, Qwen3-Omni ExpertMerge)."""
+    from transformers import AutoConfig
+
+    from omnitune.checkpoint.mm_load import is_dcp_release
+    from omnitune.cli.mm_convert import main as mm_convert
+    from omnitune.train.model import load_hf_model
+
+    hf, out = tiny_model_dir(family), tmp_path / "convert_path"
+    assert mm_convert([a.format(hf=hf, out=out) for a in conv]) == 0
+    assert is_dcp_release(out) and not is_mm_checkpoint(out)
+    fam = get_family(family)
+    ref = load_hf_model(fam, str(hf)).state_dict()
+    cfg = AutoConfig.from_pretrained(hf)
+    model = load_hf_model(fam, None, getattr(cfg, "thinker_config", cfg), init_weights=False)
+    load_mm_weights(out, fam, model)
+    got = model.state_dict()
+    assert set(got) == set(ref)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k

@@ -33,6 +33,20 @@ def is_mm_checkpoint(path: str | Path) -> bool:
     return any(d.is_dir() and any(p.is_dir() and p.name.startswith("mp_rank_") for p in d.iterdir()) for d in cands)
 
 
+def is_dcp_release(path: str | Path) -> bool:
+    """A MindSpeed-MM FSDP2 checkpoint written by ``mm-convert Qwen3VLConverter|ExpertMergeDcpConverter
+    hf_to_dcp``: the iteration folder is DCP but has no omnitune trainer_state.json."""
+    root = Path(path)
+    latest = root / L.LATEST_TXT
+    if not latest.is_file():
+        return False
+    text = latest.read_text().strip()
+    if not (text == "release" or text.isdigit()):
+        return False
+    d = root / ("release" if text == "release" else f"iter_{int(text):07d}")
+    return (d / ".metadata").is_file() and not (d / "trainer_state.json").is_file()
+
+
 def keymap_for(family) -> ModuleType:
     """The keymap module next to the family's spec (``omnitune.models.<family>.keymap``)."""
     pkg = type(family).__module__.rsplit(".", 1)[0]
@@ -52,6 +66,8 @@ def load_mm_weights(mm_dir: str | Path, family, model: nn.Module) -> L.ParallelC
     """Copy the weights of the mm folder into ``model`` (an HF model of ``family``). Returns the
     layout found. Every parameter and persistent buffer of the model must be covered."""
     try:
+        if is_dcp_release(mm_dir):
+            return _load_dcp(mm_dir, family, model)
         return _load(mm_dir, family, model)
     except L.ConvertError as e:
         raise ConfigError(str(e)) from e
@@ -96,3 +112,43 @@ def _load(mm_dir, family, model: nn.Module) -> L.ParallelConfig:
         raise ConfigError(f"--load {mm_dir}: the checkpoint does not hold {len(missing)} weights of the model "
                          f"(e.g. {missing[:3]})")
     return par
+
+
+def _load_dcp(dcp_root, family, model: nn.Module):
+    """Weights of a MindSpeed-MM DCP (``model.model.<HF name>``) into the model, one tensor at a time,
+    through the family keymap's ``dcp_to_model``."""
+    from omnitune.convert.dcp import DcpSource
+
+    pkg = type(family).__module__.rsplit(".", 1)[0]
+    module = importlib.import_module(pkg + ".keymap")
+    fn = getattr(module, "dcp_to_model", None)
+    if fn is None:
+        raise ConfigError(f"--load {dcp_root}: a DCP checkpoint of family {family.name!r} cannot be read "
+                          f"({pkg}.keymap has no dcp_to_model); load an HF or mm folder instead")
+    params = model.state_dict()
+    text = family.text_config(model.config)
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    src = DcpSource(dcp_root, "--load")
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
+    loaded = set()
+    with torch.no_grad():
+        for name in src.names:
+            hit = fn(name, src.meta(name), experts, shapes)
+            if hit is None:
+                continue
+            key = hit[0]
+            if key not in params:
+                raise ConfigError(f"--load {dcp_root}: DCP entry {name!r} has no place in the "
+                                  f"{type(model).__name__} ({key!r})")
+            _, t = fn(name, src.read(name), experts, shapes)
+            if tuple(t.shape) != tuple(params[key].shape):
+                raise ConfigError(f"--load {dcp_root}: {name!r} is {tuple(t.shape)}, the model's {key!r} is "
+                                  f"{tuple(params[key].shape)}; does the checkpoint belong to this config.json?")
+            params[key].copy_(t)
+            loaded.add(key)
+    tied = getattr(model.config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
+    missing = [k for k in params if k not in loaded and not (tied and k.endswith("lm_head.weight"))]
+    if missing:
+        raise ConfigError(f"--load {dcp_root}: the checkpoint does not hold {len(missing)} weights of the model "
+                          f"(e.g. {missing[:3]})")
+    return None

@@ -93,8 +93,10 @@ def cmd_data(argv: list[str]) -> int:
     rl.add_argument("--overwrite", action="store_true")
     ins = sub.add_parser("inspect", help="counts and one rendered sample of a data.json")
     ins.add_argument("--mm-data", required=True)
-    ins.add_argument("--index", type=int, default=0)
-    ins.add_argument("--seq-length", type=int, default=1024)
+    ins.add_argument("--index", type=int, default=0, help="the sample to render (after drops)")
+    ins.add_argument("--seq-length", type=int, default=None,
+                     help="the training --seq-length (default: cutoff_len if set, else 1024); "
+                          "the limit is min(seq-length, cutoff_len)")
     a = p.parse_args(argv)
     if a.tool == "inspect":
         from omnitune.config.errors import ConfigError

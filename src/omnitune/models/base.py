@@ -128,6 +128,8 @@ class ModelFamily:
         return model.lm_head
 
     def text_config(self, config):
+        """The text decoder's config from the trainable model's or a folder's config."""
+        config = self.trainable_config(config)
         return getattr(config, "text_config", config)
 
     def structure_sizes(self, config) -> dict[str, int]:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from omnitune.checkpoint import dcp as ckpt_io
-from omnitune.checkpoint.mm_load import is_mm_checkpoint, load_mm_weights
+from omnitune.checkpoint.mm_load import is_dcp_release, is_mm_checkpoint, load_mm_weights
 from omnitune.config.errors import ConfigError
 from omnitune.config.model import check_against_hf_config, load_model_json, unsupported_settings
 from omnitune.config.train import TrainArgs, parse_train_args, resolve_loss_type
@@ -50,6 +50,7 @@ class Plan:
             f"model      : {self.family.name} ({self.model_cfg.model_id}) from {self.hf_dir}",
             f"load       : {self.load_kind} {self.load_path or ''}".rstrip(),
             f"data       : {a.mm_data} (template {self.data_cfg.dataset_param.basic_parameters.template})",
+            *self._describe_data(),
             f"parallel   : FSDP2 over {world_size} rank(s); TP=PP=CP=1",
             f"batch      : micro {a.micro_batch_size} x grad-acc {gbs // (a.micro_batch_size * world_size)} "
             f"x DP {world_size} = global {gbs}; seq-length {a.seq_length}",
@@ -62,6 +63,32 @@ class Plan:
             lines.append("ignored    : " + " ".join("--" + f for f in self.ignored_flags) +
                          " (Megatron kernel/structure flags; structure comes from model.json + config.json)")
         return "\n".join(lines)
+
+    def _describe_data(self) -> list[str]:
+        """The data lines of :meth:`describe`: how samples are read, cached, loaded and which media."""
+        d = self.data_cfg
+        bp, pp, attr = d.dataset_param.basic_parameters, d.dataset_param.preprocess_parameters, d.dataset_param.attr
+        dl = d.dataloader_param
+        if bp.streaming:
+            build = "streaming (read lazily, sharded by data-parallel rank, position saved in checkpoints)"
+            if bp.cache_dir:
+                build += f"; cache_dir {bp.cache_dir}: " + ("val_dataset only" if bp.val_dataset else "unused")
+        else:
+            build = (f"map-style, cache_dir {bp.cache_dir}" + (" (overwrite_cache)" if bp.overwrite_cache else "")
+                     if bp.cache_dir else "map-style, cache_dir none (preprocessed at every start)")
+            n = bp.preprocessing_num_workers or 1
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            build += f", preprocessing_num_workers {n}" + (f" (at most {cpus} used: the CPUs available)"
+                                                           if n > cpus else "")
+        workers = (f"{dl.num_workers} (data.json)" if dl.num_workers is not None
+                   else f"{self.args.num_workers} (--num-workers)")
+        columns = ", ".join(f"{k}={getattr(attr, k)}" for k in ("images", "videos", "audios") if getattr(attr, k))
+        return [
+            f"data build : {build}",
+            f"dataloader : num_workers {workers}, shuffle {dl.shuffle}, drop_last {dl.drop_last}",
+            f"media      : columns {columns or 'none (text only)'}; use_audio_in_video {pp.use_audio_in_video}"
+            + ("; preference pairs (attr.ranking)" if attr.ranking else ""),
+        ]
 
 
 def make_plan(argv: list[str]) -> tuple[Plan, bool]:
@@ -85,7 +112,7 @@ def make_plan(argv: list[str]) -> tuple[Plan, bool]:
         lp = Path(args.load)
         if not lp.exists():
             raise ConfigError(f"--load {args.load}: no such folder")
-        if is_mm_checkpoint(lp):  # MindSpeed-MM layout (mm-convert hf_to_mm): weights only
+        if is_mm_checkpoint(lp) or is_dcp_release(lp):  # MindSpeed-MM layouts (mm-convert): weights only
             load_kind = "mm"
         elif ckpt_io.is_training_checkpoint_root(lp):
             load_kind = "resume"

@@ -74,3 +74,21 @@ def split(sd: dict) -> dict:
 def is_merged_layer_key(k: str) -> Optional[str]:
     m = MERGED.fullmatch(k)
     return m[1] if m else None
+
+
+_MODULE = [("model.", "model.language_model."), ("visual.", "model.visual."), ("audio_tower.", "model.audio_tower.")]
+
+
+def dcp_to_model(name: str, t: torch.Tensor, experts: Optional[int] = None,
+                 model_shapes: Optional[dict] = None) -> Optional[tuple[str, torch.Tensor]]:
+    """An ExpertMerge DCP entry -> (thinker module name, tensor) for ``--load``; talker / code2wav
+    entries -> None. Merged experts [E, H, 2I] / [E, I, H] (built by ``merge``, so the layout is
+    known) are [E, 2I, H] / [E, H, I] in the transformers 5 thinker."""
+    if name.startswith(OTHER_PARTS):
+        return None
+    if MERGED.fullmatch(name):
+        t = t.transpose(1, 2)
+    for a, b in _MODULE:
+        if name.startswith(a):
+            return b + name[len(a):], t
+    return name, t

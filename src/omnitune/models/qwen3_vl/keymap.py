@@ -44,3 +44,17 @@ def dcp_to_hf(sd: dict, experts: Optional[int]) -> dict:
             v = v.reshape(experts, -1, v.shape[-1])
         out[k] = v
     return out
+
+
+def dcp_to_model(name: str, t: torch.Tensor, experts: Optional[int],
+                 model_shapes: dict) -> Optional[tuple[str, torch.Tensor]]:
+    """A DCP entry (HF folder name) -> (transformers-5 module name, tensor) for ``--load``: the module
+    tree is the HF one. Fused experts are [E, H, 2I] / [E, I, H] in hub folders but [E, 2I, H] /
+    [E, H, I] in the transformers 5 module (folders it saves itself hold its own layout); as
+    transformers' own loader does, they are transposed only when the shape differs from the module's."""
+    if FUSED_EXPERTS.fullmatch(name):
+        t = dcp_to_hf({name: t}, experts)[name]
+        want = model_shapes.get(name)
+        if t.dim() == 3 and want is not None and tuple(t.shape) != tuple(want):
+            t = t.transpose(1, 2)
+    return name, t
