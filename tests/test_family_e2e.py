@@ -182,6 +182,12 @@ def test_family_train_resume_export_through_cli(name, tiny_model_dir, tmp_path):
     ours = load_hf_model(fam, None, AutoConfig.from_pretrained(hf_dir), init_weights=False)
     load_model_weights_from_dcp(resolve_checkpoint(straight), ours)
     ours.eval()
+    # the resumed run's iteration 10 holds the very same weights as the straight run's
+    resumed = load_hf_model(fam, None, AutoConfig.from_pretrained(hf_dir), init_weights=False)
+    load_model_weights_from_dcp(resolve_checkpoint(stopped), resumed)
+    mine, theirs = ours.state_dict(), resumed.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    del resumed, theirs
     media = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "input_features",
              "feature_attention_mask")
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", *media, *fam.forward_batch_keys) if k in batch}
