@@ -39,8 +39,13 @@ def family_for_model_id(model_id: str) -> ModelFamily:
 
 
 def family_for_hf_config(config) -> ModelFamily:
+    cls = type(config).__name__
+    # by name first: model_class() imports the family's transformers modeling module (~0.4 s each)
     for name in FAMILIES:
+        if get_family(name).hf_config_class_name == cls:
+            return get_family(name)
+    for name in FAMILIES:   # e.g. an Omni thinker config: the trainable class's config
         fam = get_family(name)
-        if type(config).__name__ in (fam.hf_config_class_name, fam.model_class().config_class.__name__):
+        if fam.model_class().config_class.__name__ == cls:
             return fam
     raise ValueError(f"no omnitune family for HF config class {type(config).__name__}")
