@@ -48,7 +48,8 @@ class Template:
     video_layout: str = "flat"
     # How the family's video processor reads its pixel bounds: per "frame" or per "clip" (Qwen3-VL).
     video_pixels_per: str = "frame"
-    # Audio feature and token count: None (no audio), "qwen2_omni" (30 s Whisper window) or "qwen3_omni".
+    # Audio features and token count: None (no audio), "qwen2_omni" (features padded to the Whisper
+    # extractor's window, 300 s in the real checkpoint, and cut there) or "qwen3_omni" (no window).
     audio_rule: str | None = None
     # use_audio_in_video: "chunked" (Qwen2.5-Omni: per seconds_per_chunk, the chunk's video tokens then
     # its audio tokens) or "interleaved" (Qwen3-Omni: token by token in time order). None: unsupported.
