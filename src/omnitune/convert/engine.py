@@ -273,10 +273,11 @@ def run_to_mm(source, sink: MmSink, out_dir: Path, desc: str, extra=None) -> Non
         with atomic_dir(out_dir) as tmp:
             sink.open(tmp)
             for g in order:
-                sd = source.read(g)
-                if extra is not None:
-                    sd = extra(sd)
-                sink.write(sd)
+                with L.lazy_row_cat():  # fused weights are written piece by piece from the inputs
+                    sd = source.read(g)
+                    if extra is not None:
+                        sd = extra(sd)
+                    sink.write(sd)
                 bar.update(_nbytes(sd))
                 del sd
             sink.close()

@@ -14,6 +14,8 @@ What a weight is called, whether it fuses and how it splits is family knowledge:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import re
 from dataclasses import dataclass, field
@@ -270,6 +272,76 @@ def merge_glu(ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
 
 
+# ---------------------------------------------------------------------------------- lazy row fusions
+_LAZY = contextvars.ContextVar("omnitune_lazy_row_cat", default=False)
+
+
+@contextlib.contextmanager
+def lazy_row_cat():
+    """Inside: :func:`cat_rows` returns a :class:`RowCat` (no copy) instead of a new tensor.
+
+    Only the streaming hf_to_mm writer turns it on: a fused weight (qkv interleave, gate/up) and each
+    of its TP shards are then written piece by piece straight from the input files
+    (``stream.FileSink``: ``copy_file_range`` for large pieces), never assembled in memory."""
+    token = _LAZY.set(True)
+    try:
+        yield
+    finally:
+        _LAZY.reset(token)
+
+
+class RowCat:
+    """``torch.cat(parts, dim=0)``, not yet made: the parts (tensors with equal trailing shapes) and
+    the row ranges of them. Supports what the hf_to_mm writer path needs: shape/dtype/size, row
+    slices (TP column and GLU shards, still lazy) and :meth:`materialize`."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        self.parts = [p for p in parts if p.shape[0]] or parts[:1]
+        p0 = parts[0]
+        self.dtype, self.device = p0.dtype, p0.device
+        self.shape = torch.Size((sum(p.shape[0] for p in parts), *p0.shape[1:]))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.parts[0].element_size()
+
+    def rows(self, a: int, b: int) -> "RowCat":
+        """Rows [a, b) (still lazy)."""
+        out, pos = [], 0
+        for p in self.parts:
+            n = p.shape[0]
+            lo, hi = max(a - pos, 0), min(b - pos, n)
+            if lo < hi:
+                out.append(p[lo:hi])
+            pos += n
+        return RowCat(out or [self.parts[0][:0]])
+
+    def chunk_rows(self, n: int) -> list["RowCat"]:
+        k = self.shape[0] // n
+        return [self.rows(i * k, (i + 1) * k) for i in range(n)]
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=0)
+
+
+def cat_rows(parts: list[torch.Tensor]) -> Union[torch.Tensor, RowCat]:
+    """``torch.cat(parts, dim=0)``; a :class:`RowCat` inside :func:`lazy_row_cat` (real tensors only)."""
+    if _LAZY.get() and parts and all(isinstance(p, torch.Tensor) and not p.is_meta for p in parts):
+        return RowCat(parts)
+    return torch.cat(parts, dim=0)
+
+
+def materialize(t):
+    """A real tensor for a :class:`RowCat`; anything else unchanged."""
+    return t.materialize() if isinstance(t, RowCat) else t
+
+
 SPLITTERS: dict[str, Callable] = {"column": split_column, "row": split_row, "glu": split_glu}
 MERGERS: dict[str, Callable] = {"column": merge_column, "row": merge_row, "glu": merge_glu}
 
@@ -277,7 +349,7 @@ MERGERS: dict[str, Callable] = {"column": merge_column, "row": merge_row, "glu":
 def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
     """q=[q heads], k=[k heads], v=[v heads] -> [q heads of group g, k_g, v_g] for each group g (dim 0)."""
     parts = [torch.chunk(x, groups, dim=0) for x in (q, k, v)]
-    return torch.cat([p for g in zip(*parts) for p in g], dim=0)
+    return cat_rows([p for g in zip(*parts) for p in g])
 
 
 def deinterleave_qkv(qkv: torch.Tensor, groups: int, sizes: tuple[int, int, int]):
@@ -311,7 +383,15 @@ def split_tp(sd: StateDict, parallel: ParallelConfig, modules: list[ModuleSchema
             for r in range(n):
                 out[r][key] = value
             continue
-        shards = (glu_views if views and kind == "glu" else SPLITTERS[kind])(value, tp, key)
+        if isinstance(value, RowCat) and kind == "column":
+            _check_div(value, 0, tp, key)
+            shards = value.chunk_rows(tp)
+        elif isinstance(value, RowCat) and kind == "glu":  # rank i: [gate_i; up_i], still lazy
+            _check_div(value, 0, 2 * tp, key)
+            gate, up = value.chunk_rows(2)
+            shards = [RowCat(g.parts + u.parts) for g, u in zip(gate.chunk_rows(tp), up.chunk_rows(tp))]
+        else:
+            shards = (glu_views if views and kind == "glu" else SPLITTERS[kind])(materialize(value), tp, key)
         for r in range(n):
             out[r][key] = shards[r % tp]
     return out

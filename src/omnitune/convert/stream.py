@@ -125,10 +125,22 @@ class FileSink:
         self.pos = 0  # bytes written (or copied) to the file
         self.buf = bytearray()
         self.copied = 0
+        self._instead: Optional[tuple[int, int, list]] = None  # (address, nbytes, pieces)
+
+    def substitute(self, address: int, nbytes: int, pieces: list) -> None:
+        """The next write of the ``nbytes`` bytes at ``address`` (a placeholder nobody reads) writes
+        the ``pieces`` (contiguous tensors, ``nbytes`` in all) one after the other instead: a record's
+        data assembled in the file, never in memory."""
+        self._instead = (address, nbytes, pieces)
 
     def write(self, b) -> int:
         mv = memoryview(b).cast("B")
         n = mv.nbytes
+        if self._instead is not None and self._instead[1] == n and n and self._instead[0] == _address(mv):
+            pieces, self._instead = self._instead[2], None
+            for p in pieces:
+                self.write(_bytes_of(p))
+            return n
         if n < self.BIG:
             self.buf += mv
             if len(self.buf) >= self.BIG:
@@ -419,6 +431,23 @@ class Scratch:
         return out
 
 
+_PLACEHOLDER: list = [None]
+
+
+def _placeholder(n: int) -> torch.Tensor:
+    """An ``n``-byte (or larger) buffer that is never read or written: an anonymous mapping, so it
+    costs address space only (no page is ever touched). Stands in for a record's data while
+    ``FileSink.substitute`` writes the real pieces."""
+    t = _PLACEHOLDER[0]
+    if t is None or t.numel() < n:
+        m = mmap.mmap(-1, max(n, 1 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = torch.frombuffer(m, dtype=torch.uint8)
+        _PLACEHOLDER[0] = t
+    return t
+
+
 class PtWriter:
     """A ``torch.save``-compatible file written one tensor at a time.
 
@@ -473,6 +502,20 @@ class PtWriter:
             raise ValueError(f"{self.path}: {path} is {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
         if path in self.done:
             raise ValueError(f"{self.path}: {path} written twice")
+        from omnitune.convert.layout import RowCat
+
+        if isinstance(t, RowCat):  # a lazy fusion: its pieces go to the file one by one
+            n = t.numel() * t.element_size()
+            pieces = t.parts
+            if n and all(p.is_contiguous() for p in pieces):
+                holder = _placeholder(n)
+                self.sink.substitute(holder.data_ptr(), n, pieces)
+                self.w.write_record(f"data/{key}", holder.untyped_storage()[:n], n)
+                if self.sink._instead is not None:
+                    raise RuntimeError(f"{self.path}: {path}: the record was not written through the sink")
+                self.done.add(path)
+                return
+            t = t.materialize()
         t = self.scratch.contiguous(t)
         n = t.numel() * t.element_size()
         if n:

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from omnitune.convert.layout import ConvertError, ModuleSchema, deinterleave_qkv, flat, interleave_qkv
+from omnitune.convert.layout import ConvertError, ModuleSchema, cat_rows, deinterleave_qkv, flat, interleave_qkv
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ class TableKeymap:
 
     def _merge(self, mg: Merge, ts: list[torch.Tensor], sizes) -> torch.Tensor:
         if mg.kind == "glu":
-            return torch.cat(ts, dim=0)
+            return cat_rows(ts)
         if mg.kind == "qkv":
             return interleave_qkv(*ts, groups=mg.groups(sizes))
         if mg.kind == "qv":

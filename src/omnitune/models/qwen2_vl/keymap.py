@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from omnitune.convert.layout import ConvertError, ModuleSchema, deinterleave_qkv, interleave_qkv
+from omnitune.convert.layout import ConvertError, ModuleSchema, cat_rows, deinterleave_qkv, interleave_qkv
 
 # ------------------------------------------------------------------ plain renames (HF regex, mm template)
 RENAMES: list[tuple[str, str]] = [
@@ -195,7 +195,7 @@ def hf_to_mm(hf: dict, sizes: Sizes, pp_size: int) -> dict:
     for i, parts in glu.items():
         if set(parts) != {"gate", "up"}:
             raise ConvertError(f"HF layer {i}: gate/up_proj incomplete (have {sorted(parts)})")
-        out[LLM_GLU[1].format(i=i)] = torch.cat([parts["gate"], parts["up"]], dim=0)
+        out[LLM_GLU[1].format(i=i)] = cat_rows([parts["gate"], parts["up"]])
     if sizes.tie and pp_size > 1 and OUTPUT_LAYER not in out and WORD_EMBEDDINGS in out:
         out[OUTPUT_LAYER] = out[WORD_EMBEDDINGS]
     return out
