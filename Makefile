@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/omnitune demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py

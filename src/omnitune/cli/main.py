@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 
@@ -16,7 +15,8 @@ def _free_port() -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    """`omnitune train [--nproc-per-node N] <training flags>`: validate, then run torchrun."""
+    """`omnitune train [--nproc-per-node N] <training flags>`: validate, then train (N > 1: through
+    torchrun's launcher, run in this process)."""
     from omnitune.config.errors import ConfigError
     from omnitune.train.trainer import make_plan
 
@@ -28,14 +28,34 @@ def cmd_train(argv: list[str]) -> int:
         print("omnitune: error: --nproc-per-node must be >= 1", file=sys.stderr)
         return 2
     try:
-        make_plan(rest)  # configs fail here, before any process starts
+        plan, dry_run = make_plan(rest)  # configs fail here, before any process starts
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"omnitune: error: {e}", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={own.nproc_per_node}",
-           f"--master-port={own.master_port or _free_port()}", "-m", "omnitune.train", *rest]
-    return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // own.nproc_per_node)))))
+    if dry_run:
+        print(plan.describe(own.nproc_per_node))
+        return 0
+    if own.nproc_per_node == 1 and "RANK" not in os.environ:
+        # One process: train right here (a one-rank group on loopback, as under torchrun); this
+        # saves starting torchrun and a worker that would import and validate everything again.
+        from omnitune.train.trainer import main as train_main
+
+        return train_main(rest)
+    # Several: torchrun's launcher runs in this process (the configs are already checked) and
+    # starts the workers; a failed worker makes it raise, which is exit status 1 as with `torchrun`.
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // own.nproc_per_node)))
+    args = get_args_parser().parse_args([f"--nproc-per-node={own.nproc_per_node}",
+                                         f"--master-port={own.master_port or _free_port()}",
+                                         "-m", "omnitune.train", *rest])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        print(f"omnitune: error: training failed\n{e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_export(argv: list[str]) -> int:
