@@ -114,6 +114,47 @@ def test_resume_is_exact_after_stop_and_after_sigkill(hf_dir, tmp_path):
     assert [got[i] for i in range(6, 11)] == [ref[i] for i in range(6, 11)]
 
 
+def test_resume_with_a_parameter_that_never_had_a_gradient(tmp_path):
+    """A trainable weight no step has reached yet (an encoder the data never used, say) has no AdamW
+    state of its own: the checkpoint still resumes, and the continued run equals the straight one."""
+    from omnitune.checkpoint import dcp as ck
+    from omnitune.train.optim import build_optimizer
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 4), "idle": torch.nn.Linear(4, 4)})
+        return m, build_optimizer(m, 1e-2, 0.1, (0.9, 0.95), 1e-8, allow_empty=False)
+
+    def step(m, opt, i, use_idle=False):
+        torch.manual_seed(100 + i)
+        x = torch.randn(3, 4)
+        out = m["used"](x) + (m["idle"](x) if use_idle else 0)
+        opt.zero_grad(set_to_none=True)
+        out.square().sum().backward()
+        opt.step()
+
+    straight, opt = make()
+    for i in range(4):
+        step(straight, opt, i, use_idle=i == 3)  # "idle" gets its first gradient after the save point
+    lazy, opt = make()
+    opt.state.clear()  # AdamW's own lazy state: the eager one changes no update
+    for i in range(4):
+        step(lazy, opt, i, use_idle=i == 3)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(lazy.state_dict()[k], v), k
+
+    model, opt = make()
+    for i in range(2):
+        step(model, opt, i)
+    ck.save_checkpoint(tmp_path, 2, model, opt, {"consumed_samples": 2})
+    model, opt = make()
+    ck.load_checkpoint(tmp_path / "iter_0000002", model, opt)
+    for i in range(2, 4):
+        step(model, opt, i, use_idle=i == 3)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     from omnitune.checkpoint import dcp as ck
 

@@ -23,7 +23,30 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
                          "Unfreeze a module or pass --enable-dummy-optimizer.")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    init_state(opt)
+    return opt
+
+
+def init_state(opt: torch.optim.AdamW) -> None:
+    """Give every parameter its AdamW state now, exactly as AdamW makes it at the parameter's first
+    gradient (step 0 on the host, zero moments shaped - and sharded - like the parameter).
+
+    AdamW creates state lazily, so a trainable weight that no step has reached yet (an encoder the
+    data has not used so far) would have none: the checkpoint would lack its keys and resuming from
+    it would fail ("Missing key in checkpoint state_dict"). The updates are unchanged: AdamW skips a
+    parameter without a gradient whether or not its state exists. Call after ``fully_shard``."""
+    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if state:
+                continue
+            state["step"] = torch.tensor(0.0, dtype=step_dtype, device="cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def lr_at(it: int, *, lr: float, min_lr: float, warmup: int, total: int, style: str) -> float:
