@@ -35,23 +35,17 @@ def layers_to_recompute(layers: list[nn.Module], method: str | None, num_layers:
     raise ValueError(f"recompute_method {method!r}: one of uniform, block")
 
 
-def _to_host(t, stats: dict | None):
-    """Differentiable copy of an activation to host memory (no-op for host tensors unless forced)."""
-    if not (torch.is_tensor(t) and t.is_floating_point()):
-        return t
-    if t.device.type == "cpu" and not (stats or {}).get("force", False):
-        return t
+def _count(stats: dict | None, t: torch.Tensor) -> None:
+    """Record one tensor moved to host memory (tests read ``stats`` to see the path is taken)."""
     if stats is not None:
         stats["packed"] = stats.get("packed", 0) + 1
         stats["bytes"] = stats.get("bytes", 0) + t.numel() * t.element_size()
-    return t.to("cpu", copy=True)
 
 
-def checkpoint_layer(layer: nn.Module, offload_inputs: bool = False, stats: dict | None = None) -> None:
-    """Recompute ``layer``'s forward in backward instead of keeping its activations. With
-    ``offload_inputs`` the checkpoint's saved inputs (the positional activations, e.g. the hidden
-    states entering the layer) are kept in host memory and copied back for the recompute."""
-    if getattr(layer, "_omnitune_recompute", False):
+def _patch_forward(layer: nn.Module, flag: str, training_forward) -> None:
+    """``layer.forward`` becomes ``training_forward(inner, *args, **kwargs)`` while grad is enabled
+    (the instance attribute, once per layer: ``flag`` marks a patched layer)."""
+    if getattr(layer, flag, False):
         return
     inner = layer.forward
 
@@ -59,6 +53,27 @@ def checkpoint_layer(layer: nn.Module, offload_inputs: bool = False, stats: dict
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(*args, **kwargs)
+        return training_forward(inner, *args, **kwargs)
+
+    layer.forward = forward
+    setattr(layer, flag, True)
+
+
+def _to_host(t, stats: dict | None):
+    """Differentiable copy of an activation to host memory (no-op for host tensors unless forced)."""
+    if not (torch.is_tensor(t) and t.is_floating_point()):
+        return t
+    if t.device.type == "cpu" and not (stats or {}).get("force", False):
+        return t
+    _count(stats, t)
+    return t.to("cpu", copy=True)
+
+
+def checkpoint_layer(layer: nn.Module, offload_inputs: bool = False, stats: dict | None = None) -> None:
+    """Recompute ``layer``'s forward in backward instead of keeping its activations. With
+    ``offload_inputs`` the checkpoint's saved inputs (the positional activations, e.g. the hidden
+    states entering the layer) are kept in host memory and copied back for the recompute."""
+    def forward(inner, *args, **kwargs):
         if not offload_inputs:
             return checkpoint(inner, *args, use_reentrant=False, **kwargs)
         devices = [a.device if torch.is_tensor(a) else None for a in args]
@@ -71,8 +86,7 @@ def checkpoint_layer(layer: nn.Module, offload_inputs: bool = False, stats: dict
 
         return checkpoint(run, *host, use_reentrant=False)
 
-    layer.forward = forward
-    layer._omnitune_recompute = True
+    _patch_forward(layer, "_omnitune_recompute", forward)
 
 
 class offload_to_host(torch.autograd.graph.saved_tensors_hooks):
@@ -90,8 +104,7 @@ class offload_to_host(torch.autograd.graph.saved_tensors_hooks):
             pin = t.device.type != "cpu"
             host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin)
             host.copy_(t, non_blocking=pin)
-            self.stats["packed"] = self.stats.get("packed", 0) + 1
-            self.stats["bytes"] = self.stats.get("bytes", 0) + t.numel() * t.element_size()
+            _count(self.stats, t)
             return (t.device, host)
 
         def unpack(packed):
@@ -105,19 +118,11 @@ class offload_to_host(torch.autograd.graph.saved_tensors_hooks):
 
 def offload_layer(layer: nn.Module, stats: dict | None = None) -> None:
     """Run ``layer``'s forward under :class:`offload_to_host`."""
-    if getattr(layer, "_omnitune_offload", False):
-        return
-    inner = layer.forward
-
-    @functools.wraps(inner)
-    def forward(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return inner(*args, **kwargs)
+    def forward(inner, *args, **kwargs):
         with offload_to_host(stats):
             return inner(*args, **kwargs)
 
-    layer.forward = forward
-    layer._omnitune_offload = True
+    _patch_forward(layer, "_omnitune_offload", forward)
 
 
 def apply_recompute_and_offload(module_layers: dict[str, list[nn.Module]], settings: dict,
