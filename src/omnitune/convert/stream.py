@@ -112,6 +112,18 @@ def _address(mv: memoryview) -> int:
     return np.frombuffer(mv, dtype=np.uint8).ctypes.data
 
 
+def pwrite_all(fd: int, mv: memoryview, pos: int) -> None:
+    """All of ``mv`` at ``pos``: ``os.pwrite`` may write less than asked (Linux: at most ~2 GiB per
+    call), so loop; 1 MiB per call, as one pwrite of tens of MiB into fresh page cache costs 2-7x
+    the CPU (measured)."""
+    mv = mv.cast("B") if mv.format != "B" else mv
+    while mv.nbytes:
+        k = os.pwrite(fd, mv[:1 << 20], pos)
+        if k <= 0:
+            raise OSError(f"pwrite wrote {k} bytes at offset {pos}")
+        mv, pos = mv[k:], pos + k
+
+
 class FileSink:
     """A write-only file object for ``torch.save`` / ``PyTorchFileWriter``: small writes are
     buffered; a large one whose bytes are a mapped input file region is done with
@@ -168,10 +180,7 @@ class FileSink:
         return done
 
     def _pwrite(self, mv: memoryview, pos: int) -> None:
-        # 1 MiB per call: one pwrite of tens of MiB into fresh page cache costs 2-7x the CPU (measured)
-        while mv.nbytes:
-            k = os.pwrite(self.fd, mv[:self.BIG], pos)
-            mv, pos = mv[k:], pos + k
+        pwrite_all(self.fd, mv, pos)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         self.flush()
@@ -306,7 +315,7 @@ class SafetensorsWriter:
         off, n, dtype, shape = self.slots[key]
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise ValueError(f"{self.path.name}: {key!r} is {t.dtype} {tuple(t.shape)}, planned {dtype} {shape}")
-        os.pwrite(self.f.fileno(), _bytes_of(t), self.base + off)
+        pwrite_all(self.f.fileno(), _bytes_of(t), self.base + off)
         self.done.add(key)
 
     def close(self) -> None:
