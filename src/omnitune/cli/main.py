@@ -38,9 +38,12 @@ def cmd_train(argv: list[str]) -> int:
     if own.nproc_per_node == 1 and "RANK" not in os.environ:
         # One process: train right here (a one-rank group on loopback, as under torchrun); this
         # saves starting torchrun and a worker that would import and validate everything again.
-        from omnitune.train.trainer import main as train_main
+        # (--master-port, when given, is the port of this one-rank group.)
+        from omnitune.train.trainer import run
 
-        return train_main(rest)
+        if own.master_port:
+            os.environ["MASTER_PORT"] = str(own.master_port)
+        return run(plan)
     # Several: torchrun's launcher runs in this process (the configs are already checked) and
     # starts the workers; a failed worker makes it raise, which is exit status 1 as with `torchrun`.
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

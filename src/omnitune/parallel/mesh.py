@@ -59,7 +59,7 @@ def init_distributed(timeout_minutes: int = 10) -> Dist:
     backend = BACKENDS[dtype]
     if "RANK" not in os.environ:  # plain `python`: a one-process group on loopback
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dtype == "cpu":

@@ -399,18 +399,22 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from omnitune.parallel.mesh import init_distributed, shutdown
-
     argv = sys.argv[1:] if argv is None else argv
     try:
         plan, dry_run = make_plan(argv)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"omnitune: error: {e}", file=sys.stderr)
         return 2
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if dry_run:
-        print(plan.describe(world))
+        print(plan.describe(int(os.environ.get("WORLD_SIZE", "1"))))
         return 0
+    return run(plan)
+
+
+def run(plan: Plan) -> int:
+    """Train a checked plan in this process (one rank of a torchrun job, or a one-rank group)."""
+    from omnitune.parallel.mesh import init_distributed, shutdown
+
     d = init_distributed(plan.args.distributed_timeout_minutes)
     try:
         if d.is_main:
