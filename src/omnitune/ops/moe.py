@@ -49,14 +49,15 @@ def grouped_mm_kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (w.shape[-1] * es) % 16 == 0 and (w.shape[-2] * es) % 16 == 0 and _aligned(x) and _aligned(w)
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int],
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor,
                force_fallback: bool = False) -> torch.Tensor:
-    """Rows ``offs[i-1]:offs[i]`` of ``x`` [S, K] times ``w[i]`` [K, N] -> [S, N] (rows sorted by group)."""
+    """Rows ``offs[i-1]:offs[i]`` of ``x`` [S, K] times ``w[i]`` [K, N] -> [S, N] (rows sorted by
+    group; ``counts`` = rows per group). Only the fallback reads the counts on the host."""
     x = x.to(w.dtype)
     if not force_fallback and grouped_mm_kernel_ok(x, w):
         return torch._grouped_mm(x, w, offs=offs)
     outs, s = [], 0
-    for i, c in enumerate(counts):
+    for i, c in enumerate(counts.tolist()):
         if c:
             outs.append(torch.mm(x[s:s + c], w[i]))
         s += c
@@ -84,9 +85,8 @@ def grouped_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)          # expert-major, token order kept inside an expert
     token = order // k
-    counts_t = torch.bincount(flat, minlength=self.num_experts)[: self.num_experts]
-    counts = counts_t.tolist()                         # one host sync per layer
-    offs = torch.cumsum(counts_t, 0).to(torch.int32)
+    counts = torch.bincount(flat, minlength=self.num_experts)[: self.num_experts]
+    offs = torch.cumsum(counts, 0).to(torch.int32)
     x = hidden_states[token]
     gate_up = grouped_mm(x, self.gate_up_proj.transpose(1, 2), offs, counts, FORCE_FALLBACK)   # [S, 2I]
     h = self._apply_gate(gate_up)                                                            # [S, I]

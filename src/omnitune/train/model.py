@@ -46,13 +46,14 @@ class TrainModel(nn.Module):
         With ``batch["loss_weights"]`` ([B, S], see train.loss.token_weights) the first item is the
         weighted sum. The aux term holds ``router_aux_loss_coef x`` the router load-balancing loss of
         this micro-batch when that coefficient is set."""
-        if self._router is not None:
-            self._router.start()
+        router = self._router if torch.is_grad_enabled() else None  # evaluation: no aux term wanted
+        if router is not None:
+            router.start()
         hidden, aux = self.family.forward_hidden(self.hf, batch)
         loss_sum, n = token_losses(hidden, self.family.lm_head(self.hf), batch["labels"],
                                    batch.get("loss_weights"), self.compute_mode, self.chunk_size)
-        if self._router is not None:
-            aux = aux + self.router_aux_coef * self._router.loss(batch.get("attention_mask")).to(aux.dtype)
+        if router is not None:
+            aux = aux + self.router_aux_coef * router.loss(batch.get("attention_mask")).to(aux.dtype)
         return loss_sum, n, aux
 
 
