@@ -180,6 +180,7 @@ CHANGES = {
     "image_max_pixels": _change_setting("preprocess_parameters", image_max_pixels=28 * 28 * 4),
     "seq_length": _change_seq_length,
     "overwrite_cache": _change_setting("basic_parameters", overwrite_cache=True),
+    "transformers_version": _change_template,  # (monkeypatched in the test, as the template)
 }
 
 
@@ -192,6 +193,9 @@ def test_any_input_change_invalidates(tmp_path, processor, encode_calls, monkeyp
     if change == "template":
         t = templates_mod.TEMPLATES["qwen2vl"]
         monkeypatch.setitem(templates_mod.TEMPLATES, "qwen2vl", dataclasses.replace(t, default_system="Be brief."))
+    if change == "transformers_version":  # an upgrade may change tokenization or image grids
+        import transformers
+        monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".post1")
     proc, seq = CHANGES[change](tmp_path, data_json, processor)
     rebuilt = build(data_json, proc, seq)
     assert sum(encode_calls) > 0, "the change was not noticed: the stale entry was reused"

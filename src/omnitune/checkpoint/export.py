@@ -88,7 +88,8 @@ def write_full_folder(trainable, prefix: str, original: Path, out: Path) -> None
     from safetensors.torch import save_file
 
     staging = out / ".trainable"
-    trainable.save_pretrained(staging)
+    # small shards: each is read back whole below, while the trained model is still in memory
+    trainable.save_pretrained(staging, max_shard_size="2GB")
     # (file, {name in that file: name in the full folder}); the thinker saved on its own names its
     # tensors without the prefix (or with it, when loaded from a full folder): add it where missing
     sources: list[tuple[Path, dict[str, str]]] = []

@@ -102,6 +102,13 @@ def encode_all(ds, samples: list[dict], num_workers: int | None, batch_size: int
         _POOL_STATE = None
 
 
+def _library_versions() -> dict:
+    import tokenizers
+    import transformers
+
+    return {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+
+
 def build(ds, cfg) -> BuiltData:
     """Read, encode and length-limit every sample of ``cfg`` (no cache)."""
     bp = cfg.dataset_param.basic_parameters
@@ -125,8 +132,9 @@ def _assemble(results: list, num_samples: int) -> BuiltData:
                 label_parts.append(labels)
             media.append(meta)
             truncated += bool(cut)
-    cat = (lambda parts: np.concatenate(parts).astype(np.int32)) if ids_parts else \
-        (lambda parts: np.zeros(0, np.int32))
+    def cat(parts):  # the parts are int32 already: no second copy of all tokens
+        return np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros(0, np.int32)
+
     return BuiltData(cat(ids_parts), cat(label_parts), np.cumsum([0] + [len(x) for x in ids_parts], dtype=np.int64),
                      media, (truncated, dropped_media, dropped_untrained), num_samples)
 
@@ -188,6 +196,7 @@ def cache_key(ds, cfg, processor, files: list[Path]) -> tuple[str, dict]:
     inputs = {
         "format": CACHE_FORMAT,
         "code": _code_hash(),
+        "libraries": _library_versions(),  # tokenization and image grids come from these
         "dataset_param": dp,
         "template": template,
         "max_length": ds.max_length,
