@@ -36,11 +36,6 @@ def _prefixed(dcp_prefix: str, hf_prefix: str):
     return rename
 
 
-def _unprefixed(dcp_prefix: str, hf_prefix: str):
-    def rename(k: str) -> str:
-        return k.replace(dcp_prefix, hf_prefix, 1) if dcp_prefix and k.startswith(dcp_prefix) else k
-    return rename
-
 
 class Qwen3VLConverter:
     """Qwen3-VL (dense / MoE): Hugging Face <-> MindSpeed-MM FSDP2 (DCP) checkpoints."""
@@ -93,7 +88,7 @@ class Qwen3VLConverter:
             if tuple(t.shape) != tuple(assets.meta(k).shape):
                 raise L.ConvertError(f"load_dir={load_dir}: {k!r} is {tuple(t.shape)}, model_assets_dir has "
                                      f"{tuple(assets.meta(k).shape)}")
-        files = {f: [k for k in ks] for f, ks in assets.file_keys.items()}
+        files = assets.file_keys
         loaders = [(g, (lambda names=names: conv({n: src.read(n) for n in names}))) for g, names in groups.items()]
         D.write_hf_stream(save_dir, model_assets_dir, loaders, metas, files, write_index=False,
                           desc="dcp_to_hf", keep_index_of_assets=True)
@@ -142,9 +137,8 @@ class ExpertMergeDcpConverter:
             hf_prefix: what dcp_prefix is replaced by
             overwrite: replace a non-empty save_dir
         """
-        _config(hf_dir, "hf_dir", OMNI.MODEL_TYPES, "ExpertMergeDcpConverter")
+        cfg = _config(hf_dir, "hf_dir", OMNI.MODEL_TYPES, "ExpertMergeDcpConverter")
         L.check_output_dir(save_dir, overwrite, "save_dir")
-        cfg = L.read_hf_config(hf_dir)
         _, experts = OMNI.expert_config(cfg)
         idx = SafetensorsIndex(hf_dir)
         expected = set()
@@ -152,8 +146,10 @@ class ExpertMergeDcpConverter:
             expected |= set(OMNI.merge({k: idx.meta(k) for k in keys}, experts))
         idx.close()
         src = D.DcpSource(dcp_dir, "dcp_dir", inner_prefix=dcp_prefix, expected=expected)
-        rename = _unprefixed("", hf_prefix) if not hf_prefix else (lambda k: hf_prefix + k)
-        groups = {g: names for g, names in src.groups().items()}
+        def rename(k: str) -> str:
+            return hf_prefix + k
+
+        groups = src.groups()
         _split_to_hf(lambda names: {rename(n): src.read(n) for n in names},
                      lambda names: {rename(n): src.meta(n) for n in names}, groups, hf_dir, save_dir,
                      D.parse_size("4GB"), "dcp_to_hf")

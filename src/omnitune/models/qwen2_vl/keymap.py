@@ -175,8 +175,7 @@ def hf_to_mm(hf: dict, sizes: Sizes, pp_size: int) -> dict:
     Tied embeddings with pp_size > 1 get an output_layer copy of word_embeddings."""
     hf, _ = normalize_hf_keys(hf)
     out, qkv, glu = {}, {}, {}
-    renames = [(re.compile(p), r) for p, r in RENAMES]
-    vit_qkv, llm_qkv, llm_glu = (re.compile(x[0]) for x in (VIT_QKV, LLM_QKV, LLM_GLU))
+    renames, (vit_qkv, llm_qkv, llm_glu) = _FORWARD
     for key, t in hf.items():
         if m := vit_qkv.fullmatch(key):
             out[VIT_QKV[1].format(i=m[1], p=m[2])] = _per_head(t, sizes.vit_heads, sizes.vit_dim)
@@ -204,7 +203,7 @@ def hf_to_mm(hf: dict, sizes: Sizes, pp_size: int) -> dict:
 def mm_to_hf(mm: dict, sizes: Sizes) -> dict:
     """Full mm state dict -> HF state dict (legacy names). output_layer is kept as lm_head; the
     caller drops it when the HF folder does not store lm_head (tied)."""
-    inv = [(re.compile(_to_regex(r)), _to_template(p)) for p, r in RENAMES]
+    inv = _INVERSE
     out = {}
     q_rows = sizes.heads // sizes.kv_heads * sizes.head_dim
     for key, t in mm.items():
@@ -257,3 +256,8 @@ def sizes_from_layout(parallel) -> Sizes:
 
     return Sizes(llm_layers=sum(flat(parallel.llm_pp_layers)), heads=0, kv_heads=0, head_dim=0,
                  vit_layers=sum(flat(parallel.vit_pp_layers)), vit_heads=0, vit_dim=0, tie=False)
+
+
+# compiled once (the converters call the two functions per layer group)
+_FORWARD = ([(re.compile(p), r) for p, r in RENAMES], tuple(re.compile(x[0]) for x in (VIT_QKV, LLM_QKV, LLM_GLU)))
+_INVERSE = [(re.compile(_to_regex(r)), _to_template(p)) for p, r in RENAMES]
