@@ -75,13 +75,17 @@ def _encode_chunk(i: int) -> list:
     return ds.encode_samples(samples[i * size:(i + 1) * size])
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def encode_all(ds, samples: list[dict], num_workers: int | None, batch_size: int) -> list:
     """``ds.encode_samples`` over ``samples`` in chunks; with num_workers > 1 in that many forked
     processes (at most one per available CPU). The result is the same list whatever the worker
     count (chunks are independent and collected in order)."""
     global _POOL_STATE
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(num_workers or 1, cpus, max(1, len(samples)))  # more processes than CPUs only add overhead
+    workers = min(num_workers or 1, available_cpus(), max(1, len(samples)))  # more processes than CPUs only add overhead
     if workers <= 1:
         out = []
         for start in range(0, len(samples), batch_size):

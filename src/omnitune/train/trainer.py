@@ -77,7 +77,9 @@ class Plan:
             build = (f"map-style, cache_dir {bp.cache_dir}" + (" (overwrite_cache)" if bp.overwrite_cache else "")
                      if bp.cache_dir else "map-style, cache_dir none (preprocessed at every start)")
             n = bp.preprocessing_num_workers or 1
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            from omnitune.data.cache import available_cpus
+
+            cpus = available_cpus()
             build += f", preprocessing_num_workers {n}" + (f" (at most {cpus} used: the CPUs available)"
                                                            if n > cpus else "")
         workers = (f"{dl.num_workers} (data.json)" if dl.num_workers is not None
