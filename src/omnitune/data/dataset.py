@@ -368,6 +368,17 @@ def build_train_dataset(data_cfg: DataConfig, processor, seq_length: int) -> SFT
     return ds
 
 
+def val_config(data_cfg: DataConfig) -> DataConfig:
+    """The config of ``val_dataset``: the training config with its files and ``val_max_samples``,
+    always map-style (a validation set is read whole at every evaluation)."""
+    b = data_cfg.dataset_param.basic_parameters
+    vcfg = data_cfg.model_copy(deep=True)
+    vb = vcfg.dataset_param.basic_parameters
+    vb.dataset, vb.max_samples, vb.streaming = b.val_dataset, b.val_max_samples, False
+    vcfg._source = data_cfg.source
+    return vcfg
+
+
 def build_datasets(data_cfg: DataConfig, processor, seq_length: int, seed: int = 1234):
     """(train, validation or None). Validation is ``val_dataset`` (its own files, capped by
     ``val_max_samples``) or a ``val_rate`` fraction split off the training set with a seeded shuffle
@@ -375,11 +386,7 @@ def build_datasets(data_cfg: DataConfig, processor, seq_length: int, seed: int =
     b = data_cfg.dataset_param.basic_parameters
     train = build_train_dataset(data_cfg, processor, seq_length)
     if b.val_dataset is not None:
-        vcfg = data_cfg.model_copy(deep=True)
-        vb = vcfg.dataset_param.basic_parameters
-        vb.dataset, vb.max_samples = b.val_dataset, b.val_max_samples
-        vcfg._source = data_cfg.source
-        return train, build_train_dataset(vcfg, processor, seq_length)
+        return train, build_train_dataset(val_config(data_cfg), processor, seq_length)
     if b.val_rate is not None:
         n_val = max(1, math.floor(len(train) * b.val_rate))
         if b.val_max_samples is not None:

@@ -294,7 +294,7 @@ def build_streaming_datasets(cfg: DataConfig, processor, seq_length: int, *, mic
     """(streaming train set, map-style validation set or None). Validation with streaming comes
     from ``val_dataset`` (built map-style, capped by val_max_samples); val_rate is refused by
     config validation (a stream has no size to split)."""
-    from omnitune.data.dataset import build_train_dataset
+    from omnitune.data.dataset import build_train_dataset, val_config
 
     train = StreamingSFTDataset(cfg, processor, seq_length, micro_batch_size=micro_batch_size,
                                 collate_fn=collate_fn, dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers,
@@ -302,8 +302,4 @@ def build_streaming_datasets(cfg: DataConfig, processor, seq_length: int, *, mic
     b = cfg.dataset_param.basic_parameters
     if b.val_dataset is None:
         return train, None
-    vcfg = cfg.model_copy(deep=True)
-    vb = vcfg.dataset_param.basic_parameters
-    vb.dataset, vb.max_samples, vb.streaming = b.val_dataset, b.val_max_samples, False
-    vcfg._source = cfg.source
-    return train, build_train_dataset(vcfg, processor, seq_length)
+    return train, build_train_dataset(val_config(cfg), processor, seq_length)
