@@ -130,3 +130,10 @@ def family_batch(tiny_model_dir, tmp_path_factory):
         return batch
 
     return make
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_qwen2vl):
+    """The tiny Qwen2-VL folder's processor (one per test module)."""
+    from transformers import AutoProcessor
+    return AutoProcessor.from_pretrained(tiny_qwen2vl)

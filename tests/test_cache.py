@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from media_util import mp4
-from PIL import Image
+from media_util import jpeg, mp4
 
 from omnitune.config.data import load_data_config
 from omnitune.data import build_train_dataset
@@ -27,18 +26,6 @@ from omnitune.data.dataset import SFTDataset
 REPO = Path(__file__).resolve().parents[1]
 ATTR = {"images": "images", "videos": "videos", "messages": "messages", "role_tag": "role", "content_tag": "content",
         "user_tag": "user", "assistant_tag": "assistant"}
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_qwen2vl):
-    from transformers import AutoProcessor
-    return AutoProcessor.from_pretrained(tiny_qwen2vl)
-
-
-def jpeg(path: Path, size=(80, 64), seed=0) -> str:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    return path.name
 
 
 def make_data(tmp: Path, n: int = 6, *, basic=None, pre=None) -> Path:

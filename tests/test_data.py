@@ -24,12 +24,6 @@ MLLM_ATTR = {"images": "images", "messages": "messages", "role_tag": "role", "co
 PIXELS = {"image_min_pixels": 56 * 56, "image_max_pixels": 28 * 28 * 1280}
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_qwen2vl):
-    from transformers import AutoProcessor
-    return AutoProcessor.from_pretrained(tiny_qwen2vl)
-
-
 def jpeg(path: Path, size=(80, 64), seed=0) -> str:
     """Write a random-noise JPEG of size (width, height); return its file name."""
     rng = np.random.default_rng(seed)

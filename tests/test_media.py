@@ -17,12 +17,6 @@ PIX = {"image_min_pixels": 56 * 56, "image_max_pixels": 28 * 28 * 64,
        "video_min_pixels": 28 * 28, "video_max_pixels": 56 * 84, "video_fps": 2.0}
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_qwen2vl):
-    from transformers import AutoProcessor
-    return AutoProcessor.from_pretrained(tiny_qwen2vl)
-
-
 def _turns(*texts):
     return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
 

@@ -27,12 +27,6 @@ ATTR = {"images": "images", "messages": "messages", "role_tag": "role", "content
         "user_tag": "user", "assistant_tag": "assistant"}
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_qwen2vl):
-    from transformers import AutoProcessor
-    return AutoProcessor.from_pretrained(tiny_qwen2vl)
-
-
 def sample(i: int, image: str | None = None) -> dict:
     s = {"messages": [{"role": "user", "content": f"Question {i}?"},
                       {"role": "assistant", "content": f"Answer {i}."}]}
