@@ -420,3 +420,17 @@ def test_bad_input_corpus(tmp_path, processor):
             basic={"dataset": "obj.json"})
     _expect(tmp_path, processor, [text, {"images": [sliver], "messages": ok}],
             rf"{d}: image .*sliver\.jpg \(250x1\) cannot be used: absolute aspect ratio must be smaller than 200")
+
+
+def test_jsonl_with_raw_line_separator_characters_reads_the_same_map_style_and_streaming(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028 / U+0085 raw inside strings: still one record per line,
+    in the map-style reader and in the streaming one."""
+    from omnitune.data.formats import read_records
+    from omnitune.data.streaming import iter_raw_records, parse_record
+
+    recs = [{"messages": [{"role": "user", "content": "a\u2028b"}, {"role": "assistant", "content": "c\u0085d"}]},
+            {"messages": [{"role": "user", "content": "e\r"}, {"role": "assistant", "content": "f"}]}]
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    assert read_records(f) == recs
+    assert [parse_record(f, r) for _, r in iter_raw_records(f)] == recs

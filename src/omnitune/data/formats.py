@@ -60,11 +60,13 @@ def read_records(path: Path) -> list:
         data = None
     if isinstance(data, list):
         return data
-    if isinstance(data, dict) and len(text.strip().splitlines()) == 1:  # a one-line JSONL file
+    # JSONL lines end at "\n" only: str.splitlines() would also split at characters JSON allows raw
+    # inside strings (U+2028, U+0085, ...), which json.dumps(ensure_ascii=False) writes as they are
+    if isinstance(data, dict) and "\n" not in text.strip():  # a one-line JSONL file
         return [data]
     if data is None:  # JSONL
         records = []
-        for n, line in enumerate(text.splitlines(), start=1):
+        for n, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
