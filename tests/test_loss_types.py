@@ -65,7 +65,7 @@ def expected_loss(per_token: list[list[torch.Tensor]], loss_type: str) -> torch.
 def reference_per_token(model, mbs) -> list[list[torch.Tensor]]:
     out = []
     for mb in mbs:
-        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits.float()
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits.double()
         rows = []
         for b in range(mb["input_ids"].shape[0]):
             lab = mb["labels"][b, 1:]
@@ -139,6 +139,7 @@ def _worker() -> None:
     from omnitune.parallel.mesh import init_distributed, shutdown
     from omnitune.train.model import TrainModel
     from omnitune.train.trainer import Trainer
+    from tolerance import assert_close_scaled
 
     d = init_distributed()
     fam = get_family("qwen2_vl")
@@ -155,7 +156,7 @@ def _worker() -> None:
         torch.manual_seed(0)
         hf = fam.model_class()(cfg).float()
         hf.config.use_cache = False
-        ref = copy.deepcopy(hf)
+        ref = copy.deepcopy(hf).double()  # the definition in float64: only our side carries fp32 error
         mcfg = ModelJson(model_id="qwen2vl", loss_cfg={"loss_type": loss_type, "compute_mode": mode, "chunk_size": 3},
                          **modules)
         tm = TrainModel(hf, fam, mcfg)
@@ -177,7 +178,7 @@ def _worker() -> None:
                 if p.grad is None:
                     assert g is None or float(g.abs().max()) == 0.0, name
                     continue
-                torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{loss_type} {name}: {m}")
+                assert_close_scaled(g, p.grad, rel=1e-4, scale=1e-4, msg=f"{loss_type} {name}")
                 n += 1
             assert n > 10
             print(f"CHECKED {loss_type} {mode} {sorted(modules)} loss={stats['loss']:.6f} grads={n}", flush=True)
