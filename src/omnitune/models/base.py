@@ -136,6 +136,22 @@ class ModelFamily:
         """model.json key path -> size from config.json, for the consistency check."""
         return {}
 
+    def parallel_sizes(self, config) -> dict[str, int]:
+        """Sizes the parallel layout must divide (parallel/dims.py check_model), from a folder's or
+        the trainable model's config: text heads / kv heads / vocab / experts, vision and audio heads."""
+        t = self.text_config(config)
+        tc = self.trainable_config(config)
+        out = {"heads": t.num_attention_heads, "kv_heads": t.num_key_value_heads, "vocab": t.vocab_size}
+        if getattr(t, "num_experts", None):
+            out["experts"] = t.num_experts
+        vc = getattr(tc, "vision_config", None)
+        if vc is not None and getattr(vc, "num_heads", None):
+            out["vision_heads"] = vc.num_heads
+        ac = getattr(tc, "audio_config", None)
+        if ac is not None and getattr(ac, "encoder_attention_heads", None):
+            out["audio_heads"] = ac.encoder_attention_heads
+        return out
+
     # ------------------------------------------------------------------ forward
     def dummy_vision_inputs(self, model: nn.Module, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Smallest valid vision input (one 1 x merge x merge patch grid), used to keep every rank's
