@@ -236,7 +236,7 @@ def test_dry_run_plan_describes_the_data_settings(tmp_path, tiny_qwen2vl):
     assert f"data build : map-style, cache_dir {tmp_path / 'cache'}, preprocessing_num_workers 1" in r.stdout
     assert "dataloader : num_workers 1 (--num-workers), shuffle True, drop_last True" in r.stdout
     assert "media      : columns images=images; use_audio_in_video False" in r.stdout
-    assert "FSDP2 over 1 rank(s)" in r.stdout  # the other lines stay
+    assert "world 1 = PP 1 x DP 1 x CP 1 x TP 1" in r.stdout  # the other lines stay
     d = json.loads(data_json.read_text())
     bp = d["dataset_param"]["basic_parameters"]
     bp.update(streaming=True, preprocessing_num_workers=2)

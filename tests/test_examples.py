@@ -140,7 +140,7 @@ def test_example_script_flags_parse(folder, size, tmp_path, tiny_model_dir):
     r = subprocess.run(["bash", str(EXAMPLES / folder / script)], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "FSDP2 over 1 rank(s)" in r.stdout
+    assert "world 1 = PP 1 x DP 1 x CP 1 x TP 1" in r.stdout
     assert f"model      : {family.name}" in r.stdout
     assert "ignored    : " in r.stdout and "--use-flash-attn" in r.stdout
     assert not (tmp_path / "save").exists()

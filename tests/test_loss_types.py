@@ -141,7 +141,10 @@ def _worker() -> None:
     from omnitune.train.trainer import Trainer
     from tolerance import assert_close_scaled
 
+    from omnitune.parallel.dims import ParallelDims
+
     d = init_distributed()
+    dims = ParallelDims(world=d.world_size).build("cpu")
     fam = get_family("qwen2_vl")
     cfg = fam.tiny_config()
     mbs = micro_batches()
@@ -165,6 +168,7 @@ def _worker() -> None:
         apply_fsdp(tm, fam.fsdp_units(hf), d.mesh, False)
         t = Trainer.__new__(Trainer)
         t.args, t.d, t.model, t.optimizer, t.loss_type = SimpleNamespace(bf16=False, clip_grad=0.0), d, tm, None, loss_type
+        t.dims = dims
         stats = t.train_step(mine)
         grads = {n: p.grad.full_tensor() for n, p in tm.hf.named_parameters() if p.grad is not None}
         if d.rank == 0:

@@ -313,7 +313,7 @@ def test_model_json_sizes_must_match_config_and_dry_run_plan(hf_dir, tmp_path):
     flags = train_flags(data_json, model_json, iters=4, save=tmp_path / "s", load=hf_dir,
                         extra=["--use-flash-attn", "--vocab-size", "151936"])
     r = omnitune(["train", *flags, "--dry-run"])
-    assert "FSDP2 over 1 rank(s)" in r.stdout and "ignored    : --use-flash-attn --vocab-size" in r.stdout
+    assert "world 1 = PP 1 x DP 1 x CP 1 x TP 1" in r.stdout and "memory     : per rank" in r.stdout and "ignored    : --use-flash-attn --vocab-size" in r.stdout
     m = json.loads(model_json.read_text())
     m["text_decoder"]["num_layers"] = 28
     model_json.write_text(json.dumps(m))

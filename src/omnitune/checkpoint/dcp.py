@@ -7,7 +7,12 @@ Layout (Megatron-compatible names)::
         .metadata, __*_*.distcp
         trainer_state.json                        # iteration, consumed samples, schedule, flags
         rng/rank_00000.pt ...                     # RNG of every rank (torch, cuda/npu, python, numpy)
-        data/rank_00000.json ...                  # streaming data position of every rank (streaming only)
+        data/rank_00000.json ...                  # streaming data position of every data-parallel rank
+
+Layout-free: DCP stores every tensor with its global shape, whatever TP/EP/FSDP placement it had;
+loading reshards to the loading job's placements, so a save at DP2 x TP2 resumes at DP4 or in one
+process. The RNG files are per rank of one layout: they are restored only when the layout (world
+size, TP, CP, EP) is the saved one. The data position is per data-parallel rank (``data_rank``).
 
 A save writes into ``iter_XXXXXXX.partial`` and is renamed when every rank has finished; only then
 is ``latest_checkpointed_iteration.txt`` replaced (temp file + rename). A save that dies midway
@@ -72,9 +77,13 @@ def set_rng_state(st: dict) -> None:
 
 
 def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trainer_state: dict,
-                    save_optim: bool = True, save_rng: bool = True, data_state: dict | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder. ``data_state``: this
-    rank's data position (a JSON-able dict; the streaming dataset's), read back by :func:`read_data_state`."""
+                    save_optim: bool = True, save_rng: bool = True, data_state: dict | None = None,
+                    data_rank: int | None = None, layout: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder. ``data_state``: the data
+    position (a JSON-able dict; the streaming dataset's) of data-parallel rank ``data_rank`` (default:
+    the global rank), read back by :func:`read_data_state`; the ranks of one data-parallel rank hold
+    the same position, so only those that pass it write it (one per data rank). ``layout``: the
+    parallel sizes, recorded in trainer_state.json (RNG is restored only at the same layout)."""
     save = Path(save_dir)
     final = save / iter_dir_name(iteration)
     partial = save / (iter_dir_name(iteration) + ".partial")
@@ -92,11 +101,15 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trai
         torch.save(rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
     if data_state is not None:
         (partial / "data").mkdir(exist_ok=True)
-        (partial / "data" / f"rank_{_rank():05d}.json").write_text(json.dumps(data_state))
+        r = _rank() if data_rank is None else data_rank
+        write_text_atomic(partial / "data" / f"rank_{r:05d}.json", json.dumps(data_state))
     _barrier()
     if _rank() == 0:
         meta = dict(trainer_state, iteration=iteration, has_optim=bool(save_optim and optimizer is not None),
-                    has_rng=save_rng, has_data_state=data_state is not None, world_size=dist.get_world_size() if dist.is_initialized() else 1)
+                    has_rng=save_rng, has_data_state=(partial / "data").is_dir(),
+                    world_size=dist.get_world_size() if dist.is_initialized() else 1)
+        if layout is not None:
+            meta["layout"] = layout
         (partial / STATE).write_text(json.dumps(meta, indent=2))
         if final.exists():  # re-saving the same iteration: replace it
             shutil.rmtree(final)
@@ -139,9 +152,10 @@ def read_data_state(ckpt: str | Path, rank: int | None = None) -> dict | None:
 
 
 def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
-                    load_rng: bool = True) -> dict:
-    """Collective. Loads model (+ optimizer, + this rank's RNG) in place; returns trainer state.
-    Works across world sizes: DCP reshards."""
+                    load_rng: bool = True, layout: dict | None = None) -> dict:
+    """Collective. Loads model (+ optimizer, + this rank's RNG) in place; returns trainer state with
+    ``rng_restored``. Works across world sizes and layouts: DCP reshards. RNG: only when ``layout``
+    (this job's parallel sizes) equals the saved one (a rank's RNG means nothing in another layout)."""
     ckpt = Path(ckpt)
     meta = read_trainer_state(ckpt)
     state = {"model": get_model_state_dict(model)}
@@ -155,10 +169,14 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
     set_model_state_dict(model, state["model"])
     if want_optim:
         set_optimizer_state_dict(model, optimizer, state["optim"])
-    if load_rng and meta.get("has_rng", False):
+    meta["rng_restored"] = False
+    saved_layout = meta.get("layout") or {"world": meta.get("world_size", 1), "tp": 1, "cp": 1, "ep": 1, "pp": 1}
+    same = layout is None or saved_layout == layout
+    if load_rng and meta.get("has_rng", False) and same:
         f = ckpt / "rng" / f"rank_{_rank():05d}.pt"
         if f.is_file():
             set_rng_state(torch.load(f, weights_only=True))
+            meta["rng_restored"] = True
     return meta
 
 

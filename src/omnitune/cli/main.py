@@ -15,27 +15,40 @@ def _free_port() -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    """`omnitune train [--nproc-per-node N] <training flags>`: validate, then train (N > 1: through
-    torchrun's launcher, run in this process)."""
+    """`omnitune train [--nproc-per-node N] [--nnodes M --node-rank R --master-addr A --master-port P]
+    <training flags>`: validate for N x M processes, then train (one process: right here; else
+    through torchrun's launcher, run in this process; on M nodes, run the same command on each
+    node with its --node-rank)."""
     from omnitune.config.errors import ConfigError
     from omnitune.train.trainer import make_plan
 
     p = argparse.ArgumentParser(prog="omnitune train", add_help=False)
     p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1)
-    p.add_argument("--master-port", type=int, default=None)
+    p.add_argument("--master-port", "--master_port", type=int, default=None)
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", "--node_rank", type=int, default=0)
+    p.add_argument("--master-addr", "--master_addr", default=None)
     own, rest = p.parse_known_args(argv)
-    if own.nproc_per_node < 1:
-        print("omnitune: error: --nproc-per-node must be >= 1", file=sys.stderr)
+    if own.nproc_per_node < 1 or own.nnodes < 1:
+        print("omnitune: error: --nproc-per-node and --nnodes must be >= 1", file=sys.stderr)
         return 2
-    try:
-        plan, dry_run = make_plan(rest)  # configs fail here, before any process starts
+    if not 0 <= own.node_rank < own.nnodes:
+        print(f"omnitune: error: --node-rank {own.node_rank} must be in 0..{own.nnodes - 1} (--nnodes {own.nnodes})",
+              file=sys.stderr)
+        return 2
+    if own.nnodes > 1 and not (own.master_addr and own.master_port):
+        print("omnitune: error: --nnodes > 1 needs --master-addr (the node-rank-0 host's address, the same on "
+              "every node) and --master-port", file=sys.stderr)
+        return 2
+    try:  # configs and the layout fail here, before any process starts
+        plan, dry_run = make_plan(rest, world_size=own.nproc_per_node * own.nnodes)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"omnitune: error: {e}", file=sys.stderr)
         return 2
     if dry_run:
-        print(plan.describe(own.nproc_per_node))
+        print(plan.describe())
         return 0
-    if own.nproc_per_node == 1 and "RANK" not in os.environ:
+    if own.nproc_per_node == 1 and own.nnodes == 1 and "RANK" not in os.environ:
         # One process: train right here (a one-rank group on loopback, as under torchrun); this
         # saves starting torchrun and a worker that would import and validate everything again.
         # (--master-port, when given, is the port of this one-rank group.)
@@ -50,7 +63,9 @@ def cmd_train(argv: list[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // own.nproc_per_node)))
-    args = get_args_parser().parse_args([f"--nproc-per-node={own.nproc_per_node}",
+    node = [f"--nnodes={own.nnodes}", f"--node-rank={own.node_rank}", f"--master-addr={own.master_addr}"] \
+        if own.nnodes > 1 else []
+    args = get_args_parser().parse_args([f"--nproc-per-node={own.nproc_per_node}", *node,
                                          f"--master-port={own.master_port or _free_port()}",
                                          "-m", "omnitune.train", *rest])
     try:

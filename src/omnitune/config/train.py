@@ -42,12 +42,14 @@ class TrainArgs(BaseModel):
     exit_interval: int | None = None
     seed: int = 1234
     bf16: bool = False
-    # parallel sizes (only 1 implemented in this version)
+    # parallel sizes (parallel/dims.py resolves and checks them; pipeline parallel not implemented yet)
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
     context_parallel_size: int = 1
-    context_parallel_algo: Literal["ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"] = "ulysses_cp_algo"
+    #: any string parses; parallel/dims.py refuses what is not implemented, naming the flag
+    context_parallel_algo: str = "ulysses_cp_algo"
+    expert_model_parallel_size: int = 1
     # checkpoints
     load: str | None = None
     save: str | None = None
@@ -66,9 +68,8 @@ class TrainArgs(BaseModel):
     distributed_timeout_minutes: int = 10
     enable_dummy_optimizer: bool = False
     use_torch_fsdp2: bool = True
-    #: MindSpeed-MM builds the model on the meta device before loading weights. Ours always does:
-    #: transformers' from_pretrained materialises parameters only from the checkpoint, so the flag is
-    #: accepted and changes nothing.
+    #: build the model on the meta device, apply the parallel plans, then each rank materialises and
+    #: reads only its own shards (checkpoint/sharded_load.py)
     init_model_with_meta_device: bool = False
     # loss type (SPEC section 7); also model.json loss_cfg.loss_type
     calculate_per_sample_loss: bool = False
@@ -167,14 +168,6 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArgs, list[str], bool]:
         args = TrainArgs.model_validate(values)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, "flags")) from None
-    for flag, value, ok in (
-        ("tensor-model-parallel-size", args.tensor_model_parallel_size, 1),
-        ("pipeline-model-parallel-size", args.pipeline_model_parallel_size, 1),
-        ("context-parallel-size", args.context_parallel_size, 1),
-    ):
-        if value != ok:
-            raise ConfigError(f"--{flag} {value}: only 1 is implemented in this version (FSDP2 data parallel "
-                              f"over all ranks); use --{flag} 1")
     if args.virtual_pipeline_model_parallel_size is not None:
         raise ConfigError("--virtual-pipeline-model-parallel-size is not implemented in this version")
     return args, ignored, dry_run

@@ -41,19 +41,24 @@ class Plan:
     load_kind: str            # "hf" | "mm" | "resume" | "none"
     load_path: str | None
     ignored_flags: list[str] = field(default_factory=list)
+    dims: object = None       # parallel.dims.ParallelDims (sizes checked; meshes built in run())
+    grad_acc: int = 1
 
-    def describe(self, world_size: int) -> str:
-        a = self.args
-        gbs = a.global_batch_size or a.micro_batch_size * world_size
+    def describe(self) -> str:
+        a, dims = self.args, self.dims
+        gbs = a.global_batch_size or a.micro_batch_size * dims.dp
         frozen = [n for n, m in self.model_cfg.modules().items() if m.freeze]
         lines = [
             f"model      : {self.family.name} ({self.model_cfg.model_id}) from {self.hf_dir}",
             f"load       : {self.load_kind} {self.load_path or ''}".rstrip(),
             f"data       : {a.mm_data} (template {self.data_cfg.dataset_param.basic_parameters.template})",
             *self._describe_data(),
-            f"parallel   : FSDP2 over {world_size} rank(s); TP=PP=CP=1",
-            f"batch      : micro {a.micro_batch_size} x grad-acc {gbs // (a.micro_batch_size * world_size)} "
-            f"x DP {world_size} = global {gbs}; seq-length {a.seq_length}",
+            *dims.describe(),
+            *self._describe_memory(),
+            f"init       : " + ("meta device; each rank reads only its shards" if a.init_model_with_meta_device
+                                else "full model on every rank, then sharded"),
+            f"batch      : micro {a.micro_batch_size} x grad-acc {self.grad_acc} "
+            f"x DP {dims.dp} = global {gbs}; seq-length {a.seq_length}",
             f"schedule   : {a.train_iters} iters, lr {a.lr} -> {a.min_lr} {a.lr_decay_style}, warmup {a.warmup_iters}",
             f"precision  : {'bf16 compute, fp32 master weights' if a.bf16 else 'fp32'}",
             f"frozen     : {', '.join(frozen) or 'none'}",
@@ -63,6 +68,13 @@ class Plan:
             lines.append("ignored    : " + " ".join("--" + f for f in self.ignored_flags) +
                          " (Megatron kernel/structure flags; structure comes from model.json + config.json)")
         return "\n".join(lines)
+
+    def _describe_memory(self) -> list[str]:
+        from omnitune.parallel.estimate import estimate_rank_bytes, format_estimate
+
+        frozen = {n for n, m in self.model_cfg.modules().items() if m.freeze}
+        est = estimate_rank_bytes(self.family, self.hf_config, self.dims, frozen, bf16=self.args.bf16)
+        return format_estimate(est)
 
     def _describe_data(self) -> list[str]:
         """The data lines of :meth:`describe`: how samples are read, cached, loaded and which media."""
@@ -93,12 +105,18 @@ class Plan:
         ]
 
 
-def make_plan(argv: list[str]) -> tuple[Plan, bool]:
+def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, bool]:
+    """Parse and check everything for a job of ``world_size`` processes (default: $WORLD_SIZE or 1)."""
     from transformers import AutoConfig
 
     from omnitune.config.data import load_data_config, unsupported_features
+    from omnitune.parallel.dims import ParallelDims
 
     args, ignored, dry_run = parse_train_args(argv)
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    dims = ParallelDims.from_args(args, world)
+    dims.check_world()
+    grad_acc = dims.check_batch(args.micro_batch_size, args.global_batch_size, args.seq_length)
     data_cfg = load_data_config(args.mm_data)
     problems = unsupported_features(data_cfg)
     if problems:
@@ -136,10 +154,12 @@ def make_plan(argv: list[str]) -> tuple[Plan, bool]:
     hf_config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
     family = family_for_folder_and_model_id(hf_config, hf_dir, model_cfg.model_id, args.mm_model)
     check_against_hf_config(model_cfg, family, hf_config, args.mm_model)
+    dims.check_model(family.parallel_sizes(hf_config))
     if load_kind == "none":
         # Nothing else given: train from the original HF weights (seed: init_from_hf_path).
         load_kind, load_path = "hf", hf_dir
-    return Plan(args, data_cfg, model_cfg, family, hf_dir, hf_config, load_kind, load_path, ignored), dry_run
+    return Plan(args, data_cfg, model_cfg, family, hf_dir, hf_config, load_kind, load_path, ignored,
+                dims, grad_acc), dry_run
 
 
 def family_for_folder_and_model_id(hf_config, hf_dir, model_id: str, source: str):
@@ -159,6 +179,10 @@ def family_for_folder_and_model_id(hf_config, hf_dir, model_id: str, source: str
     return family
 
 
+def _fmt_layout(lay: dict) -> str:
+    return " x ".join(f"{k.upper()}{v}" for k, v in lay.items() if k != "world") + f" ({lay.get('world')} ranks)"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -175,16 +199,17 @@ class Trainer:
         from transformers import AutoProcessor
 
         from omnitune.data import Collator, MicroBatchSampler, build_datasets
-        from omnitune.parallel.fsdp import apply_fsdp
+        from omnitune.parallel.parallelize import parallelize
 
         self.plan, self.d = plan, dist_ctx
         a = self.args = plan.args
-        world = dist_ctx.world_size
-        self.gbs = a.global_batch_size or a.micro_batch_size * world
-        if self.gbs % (a.micro_batch_size * world):
-            raise ConfigError(f"--global-batch-size {self.gbs} must be a multiple of --micro-batch-size "
-                              f"{a.micro_batch_size} x data-parallel size {world}")
-        self.grad_acc = self.gbs // (a.micro_batch_size * world)
+        if plan.dims.world != dist_ctx.world_size:
+            raise ConfigError(f"the plan was checked for {plan.dims.world} processes but this job has "
+                              f"{dist_ctx.world_size}")
+        # meshes: built once, every rank (collective)
+        self.dims = dims = plan.dims.build(dist_ctx.device.type)
+        self.gbs = a.global_batch_size or a.micro_batch_size * dims.dp
+        self.grad_acc = dims.check_batch(a.micro_batch_size, a.global_batch_size, a.seq_length)
         seed_everything(a.seed)
 
         # data: map-style (built once, cached) or streaming (read lazily, position in checkpoints)
@@ -198,7 +223,7 @@ class Trainer:
             from omnitune.data.streaming import build_streaming_datasets
             self.dataset, self.val_dataset = build_streaming_datasets(
                 plan.data_cfg, processor, a.seq_length, micro_batch_size=a.micro_batch_size, collate_fn=collate,
-                dp_rank=dist_ctx.rank, dp_size=world, num_workers=self.num_workers, seed=a.seed)
+                dp_rank=dims.dp_rank, dp_size=dims.dp, num_workers=self.num_workers, seed=a.seed)
         else:
             self.dataset, self.val_dataset = build_datasets(plan.data_cfg, processor, a.seq_length, seed=a.seed)
         self._loader_args = dict(num_workers=self.num_workers,
@@ -207,14 +232,21 @@ class Trainer:
                                                                 batch_sampler=sampler, collate_fn=collate,
                                                                 **self._loader_args)
 
-        # model
-        init = plan.load_kind == "hf"
-        hf = load_hf_model(plan.family, plan.load_path if init else None, plan.hf_config, init_weights=init)
-        if plan.load_kind == "mm":
-            load_mm_weights(plan.load_path, plan.family, hf)
+        # model: the full model on every rank, or (--init-model-with-meta-device) on the meta device,
+        # materialised shard by shard after the parallel plans
+        meta = a.init_model_with_meta_device
+        init = plan.load_kind == "hf" and not meta
+        if meta:
+            from omnitune.train.model import build_meta_model
+            hf = build_meta_model(plan.family, plan.hf_config)
+        else:
+            hf = load_hf_model(plan.family, plan.load_path if init else None, plan.hf_config, init_weights=init)
+            if plan.load_kind == "mm":
+                load_mm_weights(plan.load_path, plan.family, hf)
         frozen = {n for n, m in plan.model_cfg.modules().items() if m.freeze}
         self.trainable = apply_freeze(hf, plan.family, frozen)
-        hf.to(dist_ctx.device)
+        if not meta:
+            hf.to(dist_ctx.device)
         self.model = TrainModel(hf, plan.family, plan.model_cfg)
         self.loss_type = resolve_loss_type(a, plan.model_cfg, a.mm_model)
         lc = plan.model_cfg.loss_cfg
@@ -223,7 +255,12 @@ class Trainer:
                  + (f", router aux x {lc.router_aux_loss_coef}" if lc.router_aux_loss_coef else ""))
         for name, what in self.model.settings_report.items():
             self.log(f"module     : {name}: " + ", ".join(f"{k} {v}" for k, v in what.items()))
-        apply_fsdp(self.model, plan.family.fsdp_units(hf), dist_ctx.mesh, a.bf16)
+        parallelize(self.model, plan.family, dims, a.bf16)
+        if meta:
+            from omnitune.checkpoint.sharded_load import materialize_and_load
+            kind = plan.load_kind if plan.load_kind in ("hf", "mm") else "none"
+            materialize_and_load(self.model, plan.family, kind, plan.load_path, device=dist_ctx.device,
+                                 hf_config=plan.hf_config)
         self.optimizer = build_optimizer(self.model, a.lr, a.weight_decay, (a.adam_beta1, a.adam_beta2),
                                          a.adam_eps, allow_empty=a.enable_dummy_optimizer)
         self.iteration = 0
@@ -231,25 +268,34 @@ class Trainer:
         if plan.load_kind == "resume":
             ckpt = ckpt_io.resolve_checkpoint(plan.load_path)
             meta = ckpt_io.load_checkpoint(ckpt, self.model.hf, self.optimizer,
-                                           load_optim=not a.no_load_optim, load_rng=not a.no_load_rng)
+                                           load_optim=not a.no_load_optim, load_rng=not a.no_load_rng,
+                                           layout=self._layout())
             self.iteration = int(meta.get("iteration", 0))
             self.consumed = int(meta.get("consumed_samples", 0))
             if self.streaming:
                 try:
-                    data_state = ckpt_io.read_data_state(ckpt)
+                    data_state = ckpt_io.read_data_state(ckpt, rank=dims.dp_rank)
                 except FileNotFoundError as e:
                     raise ConfigError(f"--load {plan.load_path}: {e}") from None
                 if data_state is None:
                     raise ConfigError(f"--load {plan.load_path}: {ckpt} holds no streaming data position (saved "
                                       f"by a run without streaming); resume it without streaming: true")
                 self.dataset.load_state_dict(data_state, source=str(ckpt))
-            self.log(f"resumed from {ckpt} at iteration {self.iteration} ({self.consumed} samples consumed)")
+            saved = meta.get("layout")
+            self.log(f"resumed from {ckpt} at iteration {self.iteration} ({self.consumed} samples consumed)"
+                     + ("" if saved is None or saved == self._layout() else
+                        f"; saved at layout {_fmt_layout(saved)}, resharded to {_fmt_layout(self._layout())}"
+                        + ("" if a.no_load_rng else " (RNG not restored: it is per rank of a layout)")))
         self.sampler = None if self.streaming else MicroBatchSampler(
-            len(self.dataset), a.micro_batch_size, self.gbs, dist_ctx.rank, world,
+            len(self.dataset), a.micro_batch_size, self.gbs, dims.dp_rank, dims.dp,
             shuffle=dl.shuffle, seed=a.seed, drop_last=dl.drop_last,
             consumed_samples=self.consumed)
         metrics_file = Path(a.save) / "metrics.jsonl" if a.save else None
         self.logger = Logger(dist_ctx.is_main, a.train_iters, log_tps=a.log_tps, metrics_file=metrics_file)
+
+    def _layout(self) -> dict:
+        d = self.dims
+        return {"world": d.world, "tp": d.tp, "cp": d.cp, "ep": d.ep, "pp": d.pp}
 
     def log(self, msg: str) -> None:
         if self.d.is_main:
@@ -262,17 +308,22 @@ class Trainer:
         The loss of the step is ``sum_i w_i * l_i`` over every trained token of the global batch
         (train.loss: the weights encode default / per_sample_loss / per_token_loss). Global counts
         are taken from the labels before any forward (one all-reduce), so each micro-batch's
-        backward already carries its final weight. FSDP2 averages gradients over the DP ranks, so
-        each rank backpropagates ``world x`` its part; the router aux term is a mean over
-        micro-batches and ranks like the default loss."""
+        backward already carries its final weight.
+
+        Ranks: the DP ranks hold different samples; the CP ranks of one DP rank hold the same
+        samples and each computes the loss of its part of the sequence; TP ranks compute the same
+        loss. FSDP2 averages gradients over DP x CP, so each rank backpropagates ``dp_cp x`` its
+        part; counts are summed over DP only. The router aux term is a mean over micro-batches and
+        DP x CP ranks (under CP: the mean of the sequence chunks' load-balancing losses, which is
+        close to but not exactly the whole sequence's: that loss is not additive over tokens)."""
         from omnitune.train.loss import local_counts, token_weights
 
-        a, dev = self.args, self.d.device
-        model, world = self.model, self.d.world_size
+        a, dev, dims = self.args, self.d.device, self.dims
+        model, scale = self.model, dims.dp_cp
         counts = local_counts([mb["labels"] for mb in micro_batches]).to(dev)
-        if self.loss_type != "default":
-            dist.all_reduce(counts)
-        n_micro = len(micro_batches) * world
+        if self.loss_type != "default" and dims.dp > 1:
+            dist.all_reduce(counts, group=dims.group("dp"))
+        n_micro = len(micro_batches) * dims.dp
         local_loss = torch.zeros((), dtype=torch.float64, device=dev)
         local_aux = torch.zeros((), dtype=torch.float64, device=dev)
         local_tokens = torch.zeros((), dtype=torch.float64, device=dev)
@@ -284,16 +335,17 @@ class Trainer:
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
                 loss_part, _, aux = model(mb)
-            (loss_part * world + aux / len(micro_batches)).backward()
+            (loss_part * scale + aux / len(micro_batches)).backward()
             local_loss += loss_part.detach().double()
-            local_aux += aux.detach().double() / n_micro
-            local_tokens += float(mb["attention_mask"].sum())
+            local_aux += aux.detach().double() / (n_micro * dims.cp)
+            local_tokens += float(mb["attention_mask"].sum()) / dims.cp
         grad_norm = self._clip_grad()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         stats = torch.stack([local_loss, local_aux, local_tokens])
-        dist.all_reduce(stats)
+        if dims.dp_cp > 1:   # TP ranks hold the same values: sum over DP x CP only
+            dist.all_reduce(stats, group=dims.group("dp_cp"))
         out = {"loss": stats[0].item() + stats[1].item(), "tokens": stats[2].item(), "grad_norm": grad_norm}
         if self.model.router_aux_coef:
             out["aux_loss"] = stats[1].item()
@@ -372,8 +424,9 @@ class Trainer:
         a, dev = self.args, self.d.device
         if self.val_dataset is None or a.eval_iters <= 0:
             return None
-        n, world, mbs = len(self.val_dataset), self.d.world_size, a.micro_batch_size
-        batches = [[((k * world + self.d.rank) * mbs + j) % n for j in range(mbs)]
+        dims = self.dims
+        n, world, mbs = len(self.val_dataset), dims.dp, a.micro_batch_size
+        batches = [[((k * world + dims.dp_rank) * mbs + j) % n for j in range(mbs)]
                    for k in range(a.eval_iters * self.grad_acc)]
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=dev)
@@ -382,10 +435,15 @@ class Trainer:
                 loss_sum, count, _ = self.model(_to_device(mb, dev))
             totals += torch.stack([loss_sum.double(), count.double()])
         self.model.train()
-        dist.all_reduce(totals)
+        if dims.dp_cp > 1:   # CP ranks: loss and count of their own tokens
+            dist.all_reduce(totals, group=dims.group("dp_cp"))
         loss = (totals[0] / totals[1].clamp(min=1)).item()
         self.logger.eval(self.iteration, loss)
         return loss
+
+    def _writes_data_state(self) -> bool:
+        """Streaming: the first rank of each data-parallel rank's TP x CP group writes its position."""
+        return self.streaming and self.dims.cp_rank == 0 and self.dims.tp_rank == 0
 
     def save(self) -> None:
         a = self.args
@@ -396,7 +454,8 @@ class Trainer:
                                "decay_style": a.lr_decay_style, "num_steps": self.iteration}}
         path = ckpt_io.save_checkpoint(a.save, self.iteration, self.model.hf, self.optimizer, state,
                                        save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
-                                       data_state=self.dataset.state_dict() if self.streaming else None)
+                                       data_state=self.dataset.state_dict() if self._writes_data_state() else None,
+                                       data_rank=self.dims.dp_rank, layout=self._layout())
         self.log(f"saved checkpoint {path}")
 
 
@@ -408,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"omnitune: error: {e}", file=sys.stderr)
         return 2
     if dry_run:
-        print(plan.describe(int(os.environ.get("WORLD_SIZE", "1"))))
+        print(plan.describe())
         return 0
     return run(plan)
 
@@ -420,7 +479,7 @@ def run(plan: Plan) -> int:
     d = init_distributed(plan.args.distributed_timeout_minutes)
     try:
         if d.is_main:
-            print(plan.describe(d.world_size), flush=True)
+            print(plan.describe(), flush=True)
         trainer = Trainer(plan, d)
         trainer.fit()
     except (ConfigError, DataError) as e:

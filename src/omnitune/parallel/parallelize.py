@@ -1,0 +1,28 @@
+"""Apply the parallel layout to a TrainModel, in the one order that composes (torchtitan's):
+
+1. tensor parallel (parallel/tp.py): the family's declarative plan on ``mesh["tp"]``;
+2. expert parallel (parallel/ep.py): each MoE layer's experts split over ``ep_mesh["ep"]``;
+3. context parallel (parallel/cp.py): Ulysses attention + sequence split on ``mesh["cp"]``;
+4. FSDP2 (parallel/fsdp.py): every remaining data-parallel dimension, ``mesh["dp_cp"]`` (experts:
+   ``ep_mesh["dp_cp_mod_ep"]``).
+
+The optimizer is created afterwards, on the sharded parameters.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+def parallelize(train_model: nn.Module, family, dims, bf16: bool) -> nn.Module:
+    if dims.tp > 1:
+        from omnitune.parallel.tp import apply_tp
+        apply_tp(train_model, family, dims.mesh["tp"])
+    if dims.ep > 1:
+        from omnitune.parallel.ep import apply_ep
+        apply_ep(train_model, family, dims)
+    if dims.cp > 1:
+        from omnitune.parallel.cp import apply_cp
+        apply_cp(train_model, family, dims.mesh["cp"])
+    from omnitune.parallel.fsdp import apply_fsdp
+    apply_fsdp(train_model, family.fsdp_units(train_model.hf), dims.mesh["dp_cp"], bf16)
+    return train_model
