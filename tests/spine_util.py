@@ -13,9 +13,23 @@ from omnitune.cli.demo import demo_configs
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_configs(out: Path, hf_dir: Path, *, freeze: dict[str, bool] | None = None) -> tuple[Path, Path]:
+def write_configs(out: Path, hf_dir: Path, *, freeze: dict[str, bool] | None = None,
+                  family: str | None = None) -> tuple[Path, Path]:
+    """The demo's data.json/model.json for ``hf_dir``; ``family`` (registry name) sets that family's
+    model_id, template and (Omni) audio encoder instead of Qwen2-VL's."""
     out.mkdir(parents=True, exist_ok=True)
     data_json, model_json = demo_configs(out, hf_dir)
+    if family:
+        from omnitune.models.registry import get_family
+
+        fam = get_family(family)
+        m, d = json.loads(model_json.read_text()), json.loads(data_json.read_text())
+        m["model_id"] = fam.model_ids[0]
+        if "omni" in fam.name:
+            m["audio_encoder"] = {"audio_encoder": {"freeze": False}}
+        d["dataset_param"]["basic_parameters"]["template"] = fam.template
+        model_json.write_text(json.dumps(m, indent=2))
+        data_json.write_text(json.dumps(d, indent=2))
     if freeze:
         m = json.loads(model_json.read_text())
         for path, value in freeze.items():
