@@ -76,10 +76,11 @@ def load_qwen_tokenizer(extra_special_tokens: dict[str, str] | None = None,
 
 
 def build_tiny_model(family: str, out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, text_overrides: dict | None = None) -> Path:
     """Write a random-weight HF folder of ``family`` (a registry name) at ``out_dir``.
 
     size: "tiny" (hidden 64, 2 layers: tests and demo) or "bench" (~20-50M parameters).
+    text_overrides: text-decoder config fields to change (e.g. {"num_key_value_heads": 4}).
     Written to a temp folder then renamed, so a crash never leaves half a model.
     """
     from omnitune.models.registry import get_family
@@ -90,6 +91,8 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, size: str = "tiny"
         return out
     with atomic_dir(out) as tmp:
         config = fam.tiny_folder_config(size)
+        for k, v in (text_overrides or {}).items():
+            setattr(fam.text_config(config), k, v)
         torch.manual_seed(seed)
         model = fam.folder_class()(config)
         fam.init_tiny_model(model, torch.Generator().manual_seed(seed))
