@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from spine_util import REPO, losses, omnitune, train_flags
 from test_family_e2e import SEQ, _configs
@@ -90,6 +91,31 @@ def test_layouts_match_one_process(name, layouts, family_runs):
         assert _close(gn[1], ref_gn[1], 1e-5), (lay, gn[1], ref_gn[1])
         assert "world " + str(nproc) in r.stdout
     print(f"{name}: worst relative loss difference over {ITERS} steps: {report}")
+    if name == "qwen3_vl_moe":
+        _export_and_dcp_to_hf_read_a_tp_checkpoint(root / "dp2_tp2", hf_dir, root)
+
+
+def _export_and_dcp_to_hf_read_a_tp_checkpoint(save: Path, hf_dir: Path, root: Path) -> None:
+    """A checkpoint saved at DP2 x TP2 is layout-free: `omnitune export` and mm-convert's dcp_to_hf
+    both turn it into the same HF weights (the trained ones, not the original)."""
+    from safetensors.torch import load_file
+
+    from omnitune.cli.main import main as cli_main
+    from omnitune.cli.mm_convert import main as mm_convert
+
+    def weights(folder: Path) -> dict:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    assert cli_main(["export", "--load", str(save), "--save", str(root / "export")]) == 0
+    assert mm_convert(["Qwen3VLConverter", "dcp_to_hf", "--load_dir", str(save / "iter_0000010"),
+                       "--save_dir", str(root / "dcp_to_hf"), "--model_assets_dir", str(hf_dir)]) == 0
+    a, b, orig = weights(root / "export"), weights(root / "dcp_to_hf"), weights(hf_dir)
+    assert set(a) == set(b) == set(orig)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], orig[k]) for k in a)
 
 
 def test_checkpoint_resumes_at_other_layouts_and_two_nodes(family_runs):
