@@ -127,6 +127,14 @@ class ModelFamily:
     def lm_head(self, model: nn.Module) -> nn.Linear:
         return model.lm_head
 
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The text decoder module (gets the merged embeddings; context parallelism splits its inputs)."""
+        return model.model.language_model
+
+    #: context parallelism: text-decoder kwargs holding one row per True position of a [B, S] mask
+    #: kwarg (rows kwarg -> mask kwarg); each rank keeps the rows of its sequence chunk
+    cp_masked_rows: dict[str, str] = {}
+
     def text_config(self, config):
         """The text decoder's config from the trainable model's or a folder's config."""
         config = self.trainable_config(config)

@@ -55,13 +55,14 @@ def chunk_rows(n: int, compute_mode: str, chunk_size: int | None) -> int | None:
 
 def token_losses(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
                  weights: torch.Tensor | None = None, compute_mode: str = "default",
-                 chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk_size: int | None = None, pre_shifted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (sum of token losses, number of trained tokens) for one micro-batch.
 
     ``weights`` ([B, S], aligned with the shifted labels, see :func:`token_weights`) turns the sum
-    into ``sum_i w_i * l_i``; without it every trained token has weight 1.
+    into ``sum_i w_i * l_i``; without it every trained token has weight 1. ``pre_shifted``: ``labels``
+    already are the targets of each position (context parallelism shifts on the full sequence).
     """
-    target = shift_labels(labels)
+    target = labels if pre_shifted else shift_labels(labels)
     mask = target != IGNORE_INDEX
     h = hidden[mask]                      # only trained positions go through the vocab projection
     t = target[mask]

@@ -31,6 +31,7 @@ class TrainModel(nn.Module):
         self.offload_stats: dict = {}
         if model_cfg is not None:
             self.settings_report = apply_module_settings(hf_model, family, model_cfg, self.offload_stats)
+        self.cp = None   # parallel.cp.ContextParallel once apply_cp ran
         self._router = None
         if self.router_aux_coef:
             from omnitune.ops.moe import RouterAuxLoss
@@ -45,15 +46,25 @@ class TrainModel(nn.Module):
 
         With ``batch["loss_weights"]`` ([B, S], see train.loss.token_weights) the first item is the
         weighted sum. The aux term holds ``router_aux_loss_coef x`` the router load-balancing loss of
-        this micro-batch when that coefficient is set."""
+        this micro-batch when that coefficient is set.
+
+        Under context parallelism (``self.cp``, parallel/cp.py) all three cover this rank's sequence
+        chunk only: loss sum and count summed over the cp ranks give the micro-batch's; the aux term
+        is the load-balancing loss of the local tokens (its mean over cp ranks stands for the
+        micro-batch's)."""
         router = self._router if torch.is_grad_enabled() else None  # evaluation: no aux term wanted
         if router is not None:
             router.start()
         hidden, aux = self.family.forward_hidden(self.hf, batch)
-        loss_sum, n = token_losses(hidden, self.family.lm_head(self.hf), batch["labels"],
-                                   batch.get("loss_weights"), self.compute_mode, self.chunk_size)
-        if router is not None:
-            aux = aux + self.router_aux_coef * router.loss(batch.get("attention_mask")).to(aux.dtype)
+        labels, weights, mask = batch["labels"], batch.get("loss_weights"), batch.get("attention_mask")
+        if self.cp is not None:   # hidden is this rank's chunk: targets shifted on the full sequence
+            labels, weights = self.cp.shifted_local(labels, weights)
+            mask = None if mask is None else self.cp.local(mask, 1, 0)
+            assert hidden.shape[1] == labels.shape[1], (hidden.shape, labels.shape)
+        loss_sum, n = token_losses(hidden, self.family.lm_head(self.hf), labels, weights, self.compute_mode,
+                                   self.chunk_size, pre_shifted=self.cp is not None)
+        if router is not None:    # under cp: the load-balancing loss of this rank's tokens
+            aux = aux + self.router_aux_coef * router.loss(mask).to(aux.dtype)
         return loss_sum, n, aux
 
 

@@ -67,6 +67,8 @@ class Qwen3OmniMoeFamily(ModelFamily):
     hf_full_class_name = "Qwen3OmniMoeForConditionalGeneration"
     folder_prefix = "thinker."
     forward_batch_keys = ("video_second_per_grid", "use_audio_in_video")
+    # DeepStack (as Qwen3-VL): one row per True of visual_pos_masks
+    cp_masked_rows = {"deepstack_visual_embeds": "visual_pos_masks"}
 
     # ------------------------------------------------------------------ configs
     def tiny_config(self, size: str = "tiny"):

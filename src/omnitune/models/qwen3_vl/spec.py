@@ -162,6 +162,9 @@ class Qwen3VLFamily(ModelFamily):
     hf_class_name = "Qwen3VLForConditionalGeneration"
     hf_config_class_name = "Qwen3VLConfig"
     moe = False
+    # DeepStack: the vision features added to the first decoder layers' hidden states at the visual
+    # positions, one row per True of visual_pos_masks
+    cp_masked_rows = {"deepstack_visual_embeds": "visual_pos_masks"}
 
     def tiny_config(self, size: str = "tiny"):
         s = SIZES[size]
