@@ -1,12 +1,14 @@
 """Expert parallelism (parallel/ep.py + ops/moe_ep.py) against one process running every micro-batch.
 
-The torchrun worker (this file) runs world 2, DP 2, EP 2 (each rank owns 2 of the 4 experts of every
-layer and its own micro-batches): the trainer's ``train_step`` with FSDP2 (experts on
-ep_mesh["dp_cp_mod_ep"], the rest on mesh["dp_cp"]) and AdamW; rank 0 checks the step-1 loss and
-every full gradient against a float64 one-process reference (HF eager experts, all micro-batches),
-then the losses and grad norms of the following steps. Cases: Qwen3-VL-MoE fused / eager experts,
-text-only and with an image (vision tower run), Qwen3-Omni-MoE thinker; router aux loss on.
-The last case is saved with DCP; the test process loads it into a one-process model.
+The torchrun worker (this file) runs world 2 = DP 2 x EP 2 (each rank owns 2 of the 4 experts of
+every layer and its own micro-batches), and world 4 = DP 4, EP 2 (experts also FSDP-sharded over 2
+ranks): the trainer's ``train_step`` with FSDP2 (experts on ep_mesh["dp_cp_mod_ep"], the rest on
+mesh["dp_cp"]), clipping and AdamW. Rank 0 checks the step-1 loss and every full gradient against a
+float64 one-process reference (HF eager experts, all micro-batches), then the losses and grad norms
+of the following steps. Cases: Qwen3-VL-MoE fused / eager experts, text-only and with an image
+(vision tower run), full recompute, Qwen3-Omni-MoE thinker; router aux loss on. Plus block-level
+routings that leave a rank without rows or tokens. The last case of a suite is saved with DCP; the
+test process loads it into a one-process model and compares exactly.
 """
 from __future__ import annotations
 
@@ -88,9 +90,13 @@ def tiny_model(fam, coef: float):
     return hf
 
 
-def model_cfg(fam, fused: bool):
+FULL_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+
+
+def model_cfg(fam, fused: bool, recompute: bool = False):
     from omnitune.config.model import ModelJson
-    return ModelJson(model_id=fam.model_ids[0], text_decoder={"use_npu_fused_moe": fused},
+    return ModelJson(model_id=fam.model_ids[0],
+                     text_decoder={"use_npu_fused_moe": fused, **(FULL_RECOMPUTE if recompute else {})},
                      loss_cfg={"router_aux_loss_coef": COEF})
 
 
@@ -144,12 +150,14 @@ def ep_trainer(dims, model, opt, clip: float):
     return t
 
 
-def build_ep(fam, hf, fused: bool, dims):
+def build_ep(fam, hf, fused: bool, dims, recompute: bool = False):
     from omnitune.parallel.ep import apply_ep
     from omnitune.parallel.fsdp import apply_fsdp
     from omnitune.train.model import TrainModel
 
-    tm = TrainModel(hf, fam, model_cfg(fam, fused))
+    tm = TrainModel(hf, fam, model_cfg(fam, fused, recompute))
+    if recompute:
+        assert tm.settings_report["text_decoder"]["recompute"] == 2
     sharded = apply_ep(tm, fam, dims)
     assert len(sharded) == fam.tiny_config().text_config.num_hidden_layers
     apply_fsdp(tm, fam.fsdp_units(hf), dims.mesh["dp_cp"], False, dims=dims)
@@ -157,37 +165,77 @@ def build_ep(fam, hf, fused: bool, dims):
 
 
 # ----------------------------------------------------------------------------------- tests
-def _torchrun(nproc: int, out: Path, timeout: int = 900) -> str:
+def test_clip_grad_norm_equals_torch_on_plain_tensors():
+    from omnitune.parallel.fsdp import clip_grad_norm
+
+    torch.manual_seed(0)
+    for max_norm, norm_type in ((0.5, 2.0), (100.0, 2.0), (0.1, float("inf"))):
+        a = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+        b = copy.deepcopy(a)
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        want = torch.nn.utils.clip_grad_norm_(b, max_norm, norm_type)
+        got = clip_grad_norm(a, max_norm, norm_type)
+        assert abs(got - float(want)) <= 1e-6 * float(want)
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_apply_ep_without_ep_is_a_no_op():
+    from omnitune.models.registry import get_family
+    from omnitune.parallel.dims import ParallelDims
+    from omnitune.parallel.ep import apply_ep, ep_experts_modules
+
+    fam = get_family("qwen3_vl_moe")
+    hf = fam.model_class()(fam.tiny_config())
+    assert apply_ep(hf, fam, ParallelDims(world=2, ep=1)) == [] and ep_experts_modules(hf) == []
+
+
+def _torchrun(nproc: int, suite: str, out: Path, timeout: int = 900) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-           str(Path(__file__).resolve()), str(out)]
+           str(Path(__file__).resolve()), suite, str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
     return r.stdout
 
 
-CASES = [  # (family, fused experts, micro-batches with an image)
-    ("qwen3_vl_moe", True, ()),
-    ("qwen3_vl_moe", False, ()),
-    ("qwen3_vl_moe", True, (0,)),
-    ("qwen3_vl_moe", False, (0,)),
-    ("qwen3_omni_moe", True, ()),
-]
+SUITES = {  # name -> (processes, [(family, fused experts, micro-batches with an image, recompute)])
+    # world 2 = DP 2, EP 2: experts FSDP group (dp_cp_mod_ep) of 1 rank
+    "ep2": (2, [("qwen3_vl_moe", True, (), False),
+                ("qwen3_vl_moe", True, (0,), False),
+                ("qwen3_vl_moe", False, (0,), True),
+                ("qwen3_omni_moe", True, (), False)]),
+    # world 4 = DP 4, EP 2: experts FSDP-sharded over 2 ranks (sum + divide by 4)
+    "dp4_ep2": (4, [("qwen3_vl_moe", False, (0,), False)]),
+}
+
+
+def _run_suite(suite: str, tmp_path: Path) -> None:
+    nproc, cases = SUITES[suite]
+    out = _torchrun(nproc, suite, tmp_path)
+    checked = [line for line in out.splitlines() if line.startswith("CHECKED ")]
+    assert len(checked) == len(cases), out
+    assert suite != "ep2" or "BLOCK_CHECKED 4" in out, out
+    print("\n".join(checked))
+    _check_dcp_in_one_process(tmp_path, cases[-1][0])
 
 
 @pytest.mark.slow
 def test_ep2_two_ranks_equal_one_process_and_dcp_is_layout_free(tmp_path):
-    out = _torchrun(2, tmp_path)
-    checked = [line for line in out.splitlines() if line.startswith("CHECKED")]
-    assert len(checked) == len(CASES), out
-    print("\n".join(checked))
-    _check_dcp_in_one_process(tmp_path)
+    _run_suite("ep2", tmp_path)
 
 
-def _check_dcp_in_one_process(out: Path) -> None:
+@pytest.mark.slow
+def test_dp4_ep2_four_ranks_equal_one_process(tmp_path):
+    _run_suite("dp4_ep2", tmp_path)
+
+
+def _check_dcp_in_one_process(out: Path, family: str) -> None:
     """The EP2 checkpoint loads into a plain one-process model; every weight equals the EP model's
     full tensor exactly, and the DCP metadata holds full [E, ...] expert tensors (model + AdamW)."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -195,7 +243,7 @@ def _check_dcp_in_one_process(out: Path) -> None:
     from omnitune.checkpoint.dcp import load_model_weights_from_dcp, resolve_checkpoint
     from omnitune.models.registry import get_family
 
-    fam = get_family(CASES[-1][0])
+    fam = get_family(family)
     ckpt = resolve_checkpoint(out / "save")
     full = torch.load(out / "full.pt", weights_only=True)
     fresh = fam.model_class()(fam.tiny_config()).float()
@@ -212,7 +260,60 @@ def _check_dcp_in_one_process(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- torchrun worker
-def _worker(out: Path) -> None:
+def _check_block_edge_cases(dims) -> int:
+    """One EP-sharded MoE block (no FSDP) against HF eager on the full weights, for routings that
+    leave a rank without work: every token routed to rank 0's experts (rank 1 computes no rows),
+    and rank 1 without any token. Output, input gradient and full expert gradients (summed over the
+    ranks' tokens) must match; the backward all-to-alls must line up (no hang)."""
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextSparseMoeBlock
+
+    from omnitune.models.registry import get_family
+    from omnitune.ops import moe
+    from omnitune.parallel.ep import apply_ep
+    from tolerance import assert_close_scaled
+
+    tcfg = get_family("qwen3_vl_moe").tiny_config().text_config
+    H, n = tcfg.hidden_size, 0
+    for fused in (True, False):
+        for tokens in ([6, 3], [5, 0]):
+            torch.manual_seed(0)
+            block = Qwen3VLMoeTextSparseMoeBlock(tcfg)
+            with torch.no_grad():
+                for p in block.parameters():
+                    p.normal_(0, 0.2)
+                block.gate.weight[:2] = 1.0    # positive inputs: experts 0 and 1 (rank 0's) win
+                block.gate.weight[2:] = -1.0
+            ref = copy.deepcopy(block).double()
+            moe.set_experts_implementation([ref.experts], fused=False)
+            moe.set_experts_implementation([block.experts], fused=fused)
+            apply_ep(block, None, dims)
+            g = torch.Generator().manual_seed(1)
+            xs = [torch.randn(1, t, H, generator=g).abs() for t in tokens]
+            ws = [torch.linspace(-1, 1, t * H).view(1, t, H) for t in tokens]
+            outs = []
+            for x, w, t_ in zip(xs, ws, tokens):   # reference: every rank's tokens, grads summed
+                x = x.double().requires_grad_(True)
+                y = ref(x)
+                if t_:
+                    (y * w).sum().backward()
+                outs.append((y.detach(), x.grad))
+            r = dims.rank
+            x = xs[r].clone().requires_grad_(True)
+            y = block(x)
+            (y * ws[r]).sum().backward()
+            assert_close_scaled(y, outs[r][0], 1e-5, 1e-5, f"block out fused={fused} {tokens}")
+            if tokens[r]:
+                assert_close_scaled(x.grad, outs[r][1], 1e-5, 1e-5, f"block dx fused={fused} {tokens}")
+            for name in ("gate_up_proj", "down_proj"):
+                got = getattr(block.experts, name).grad.full_tensor()
+                want = getattr(ref.experts, name).grad
+                assert_close_scaled(got, want, 1e-5, 1e-5, f"block {name} fused={fused} {tokens}")
+                assert float(got[2:].abs().max()) == 0.0   # rank 1's experts: no rows, zero grads
+            n += 1
+    return n
+
+
+def _worker(suite: str, out: Path) -> None:
     import time
 
     import torch.distributed as dist
@@ -226,15 +327,21 @@ def _worker(out: Path) -> None:
 
     d = init_distributed()
     dims = ParallelDims(world=d.world_size, ep=2).build("cpu")
+    nproc, cases = SUITES[suite]
+    assert d.world_size == nproc
+    if suite == "ep2":
+        n_block = _check_block_edge_cases(dims)
+        if d.rank == 0:
+            print(f"BLOCK_CHECKED {n_block}", flush=True)
     per_rank = 2
-    for ci, (name, fused, image_in) in enumerate(CASES):
+    for ci, (name, fused, image_in, recompute) in enumerate(cases):
         t0 = time.perf_counter()
         fam = get_family(name)
         mbs = micro_batches(fam, per_rank * dims.dp_cp, seed=ci, image_in=image_in)
         mine = mbs[per_rank * dims.dp_rank: per_rank * (dims.dp_rank + 1)]
         hf = tiny_model(fam, COEF)
         ref = copy.deepcopy(hf).double() if d.rank == 0 else None
-        tm = build_ep(fam, hf, fused, dims)
+        tm = build_ep(fam, hf, fused, dims, recompute)
         ex = tm.hf.model.language_model.layers[0].mlp.experts
         assert isinstance(ex.gate_up_proj, DTensor) and ex.gate_up_proj.shape[0] == 4
         assert ex.gate_up_proj.to_local().shape[0] == 4 // dims.dp_cp  # ep x FSDP shards of dim 0
@@ -248,6 +355,10 @@ def _worker(out: Path) -> None:
         trainer = ep_trainer(dims, tm, opt, CLIP)
         stats = [trainer.train_step(mine) for _ in range(STEPS)]
         hook.remove()
+        from omnitune.parallel.ep import ep_experts_modules
+        sent = torch.tensor([sum(m._omnitune_ep.sent_rows for m in ep_experts_modules(tm))])
+        dist.all_reduce(sent, op=dist.ReduceOp.MIN)
+        assert int(sent) > 0  # every rank sent tokens to the other expert rank
         t_ep = time.perf_counter() - t0
         if d.rank == 0:
             losses, norms, want = reference_steps(fam, ref, mbs, STEPS)
@@ -271,10 +382,10 @@ def _worker(out: Path) -> None:
                 assert abs(a - b) <= 1e-4 * abs(b), (ci, got_n, norms)
             assert norms[0] > CLIP  # clipping was active
             dl = max(abs(a - b) / abs(b) for a, b in zip(got_l, losses))
-            print(f"CHECKED {name} fused={fused} image={bool(image_in)} grads={n} max_grad_diff/max={worst:.2e} "
+            print(f"CHECKED {suite} {name} fused={fused} image={bool(image_in)} recompute={recompute} grads={n} max_grad_diff/max={worst:.2e} "
                   f"loss_rel={dl:.2e} losses={[round(x, 6) for x in got_l]} norms={[round(x, 4) for x in got_n]} "
                   f"ep_s={t_ep:.1f} total_s={time.perf_counter() - t0:.1f}", flush=True)
-        if ci == len(CASES) - 1:
+        if ci == len(cases) - 1:
             save_checkpoint(out / "save", STEPS, tm.hf, opt, {})
             full = {n: p.full_tensor() for n, p in tm.hf.named_parameters()}
             if d.rank == 0:
@@ -285,4 +396,4 @@ def _worker(out: Path) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    _worker(Path(sys.argv[1]))
+    _worker(sys.argv[1], Path(sys.argv[2]))

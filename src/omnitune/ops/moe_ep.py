@@ -41,6 +41,8 @@ class EPContext:
     ep: int                # ranks in the group
     num_local: int         # experts held by this rank
     fused: bool            # local experts by grouped GEMM (True) or a per-expert loop (False)
+    rank: int = 0          # this rank's index in the group
+    sent_rows: int = 0     # (token, expert) rows sent to other ranks so far (a counter for tests/logs)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -95,6 +97,7 @@ def ep_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     send_c, recv_c = torch.stack([counts, recv_counts]).view(2, ep, el).tolist()   # one host sync
     send_splits, recv_splits = [sum(r) for r in send_c], [sum(r) for r in recv_c]
     local_counts = [sum(recv_c[i][e] for i in range(ep)) for e in range(el)]
+    ctx.sent_rows += sum(send_splits) - send_splits[ctx.rank]
 
     x = all_to_all_single_autograd(hidden_states[token], recv_splits, send_splits, ctx.group)
     # received rows: source-rank-major, expert-major inside a source -> local-expert-major
@@ -137,5 +140,6 @@ def set_ep(modules: list[nn.Module], group, ep: int) -> None:
         if not moe._layout_supported(m):
             raise ValueError(f"{type(m).__name__}: expert parallelism needs concatenated gate_up_proj "
                              f"[E, 2I, H] + down_proj [E, H, I] without bias")
-        m._omnitune_ep = EPContext(group=group, ep=ep, num_local=m.num_experts // ep, fused=f)
+        m._omnitune_ep = EPContext(group=group, ep=ep, num_local=m.num_experts // ep, fused=f,
+                                   rank=dist.get_rank(group))
         m.config._experts_implementation_internal = EP_IMPL_NAME
