@@ -1,17 +1,68 @@
 """FSDP2: one ``fully_shard`` per vision block and decoder layer (the family lists them), then
 the root. bf16 compute keeps fp32 master weights (the sharded parameters) and fp32 gradient
-reduction; without --bf16 everything stays fp32."""
+reduction; without --bf16 everything stays fp32.
+
+With expert parallelism (``dims.ep > 1``, experts split by parallel/ep.py ``apply_ep``) every
+EP-sharded experts module is first wrapped on its own, on ``dims.ep_mesh["dp_cp_mod_ep"]`` (the
+ranks holding the same experts; its DTensor weights already live on ``ep_mesh["ep"]``, same root
+mesh). An expert's gradient sums the contributions of the tokens of all ``dp_cp`` ranks (each ep
+rank's tokens reach it through the all-to-all, the ``dp_cp / ep`` FSDP ranks add theirs in the
+reduce-scatter), so its divide factor is ``dp_cp`` -- the same mean over data-parallel ranks
+every other parameter gets -- not FSDP's default group size ``dp_cp / ep``.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def apply_fsdp(model: nn.Module, units: list[nn.Module], mesh, bf16: bool) -> nn.Module:
+def apply_fsdp(model: nn.Module, units: list[nn.Module], mesh, bf16: bool, dims=None) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                               reduce_dtype=torch.float32 if bf16 else None)
+    if dims is not None and dims.ep > 1:
+        from omnitune.parallel.ep import ep_experts_modules
+
+        ep_fsdp = dims.ep_mesh["dp_cp_mod_ep"]
+        for experts in ep_experts_modules(model):
+            fully_shard(experts, mesh=ep_fsdp, mp_policy=mp)
+            experts.set_gradient_divide_factor(float(dims.dp_cp))
+            # a custom factor is a PREMUL_SUM reduce-scatter, which gloo / hccl lack: sum, then
+            # divide. Not on a 1-rank group: torch 2.14 divides twice there (copy / factor, then
+            # the post-divide)
+            if ep_fsdp.size() > 1:
+                experts.set_force_sum_reduction_for_comms(True)
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+@torch.no_grad()
+def clip_grad_norm(params, max_norm: float, norm_type: float = 2.0) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` for gradients on several meshes (EP: experts on the ep
+    mesh, the rest on dp_cp): one norm per mesh (``full_tensor`` of its DTensor norm), combined,
+    then every gradient scaled by ``min(1, max_norm / (total + 1e-6))``. Returns the total norm.
+    Collective over every rank when any gradient is a DTensor."""
+    groups: dict = {}
+    for p in params:
+        if p.grad is not None:
+            g = p.grad
+            groups.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    if not groups:
+        return 0.0
+    norm_type = float(norm_type)
+    norms = []
+    for mesh, grads in groups.items():
+        n = torch.nn.utils.get_total_norm(grads, norm_type)
+        if hasattr(n, "full_tensor"):
+            n = n.full_tensor()
+        norms.append(float(n))
+    total = max(norms) if math.isinf(norm_type) else sum(n ** norm_type for n in norms) ** (1.0 / norm_type)
+    coef = min(1.0, float(max_norm) / (total + 1e-6))
+    if coef < 1.0:
+        for grads in groups.values():
+            torch._foreach_mul_(grads, coef)
+    return total
