@@ -13,26 +13,29 @@ DTensor placements (Shard on any dim, _StridedShard from FSDP2-over-TP, Replicat
 dimensionality) into the global indices it holds along each tensor dim. The source is then asked
 for exactly that box:
 
-- ``hf``: safetensors tensors are mapped, not read (``convert.stream``); slicing a mapped tensor
-  faults in only the pages of this rank's box, and the mapping is dropped right after the copy.
-  Folder names -> module names go through transformers' own conversion mapping (renames, Omni
-  ``thinker.`` prefix); a weight transformers builds from several tensors (per-expert MoE weights
-  stacked into ``experts.gate_up_proj``, transposed expert layouts) is built from its sources with
-  transformers' converter ops, one target at a time (for experts: only this rank's experts).
-- ``mm``: Megatron-layout folders (any TP/PP/VPP): each mm tensor is handled alone. Its TP pieces
-  are never merged: the row permutation the family keymap applies (qkv interleave, gate/up fusion)
-  is traced on an index column, so each needed row is read from the TP piece that holds it. A
-  MindSpeed-MM DCP release (``hf_to_dcp`` output) is read one entry at a time.
-- ``dcp`` / ``resume``: an omnitune training checkpoint: ``torch.distributed.checkpoint.load``
-  into the sharded state dict, which reads only the local chunks.
+- ``hf``: safetensors tensors are read through private file mappings, about 64 MiB of rows at a
+  time (:func:`copy_rows`), so only this rank's box is ever paged in. Folder names -> module names
+  go through transformers' own conversion mapping (renames, the Omni ``thinker.`` prefix); a weight
+  transformers builds from several tensors (per-expert MoE weights stacked into
+  ``experts.gate_up_proj``, transposed expert layouts) is built with transformers' converter ops,
+  one target at a time (only this rank's experts when the expert dim is sharded).
+- ``mm``: Megatron-layout folders (any TP/PP/VPP, hetero TP): each mm tensor alone, its TP pieces
+  never merged: the row permutation the family keymap applies (qkv interleave, gate/up fusion) is
+  traced on an index column, so each needed row is read from the TP piece holding it. A
+  MindSpeed-MM DCP release (``hf_to_dcp`` output; also kind ``dcp``) is read entry by entry from
+  the mapped .distcp record, the keymap's reshape/transpose applied as a view.
+- ``resume`` (or ``dcp``): an omnitune training checkpoint: ``torch.distributed.checkpoint.load``
+  into the sharded state dict, which reads only the chunks overlapping the local shards.
 
 Afterwards: non-persistent buffers (rotary ``inv_freq``, Whisper-style sinusoid tables), lost on
 meta, are recomputed by the HF model's own ``_init_weights`` for their module; tied weights are
-checked (FSDP2 keeps one shared parameter) or tied by value; parameters the checkpoint lacks are
-an error naming them, except ``family.unused_parameters`` (zero-filled, reported).
+checked (FSDP2 keeps one shared parameter; plain modules are re-tied) or tied by value; a
+parameter the checkpoint lacks is an error naming it, except ``family.unused_parameters``
+(zero-filled, reported).
 
-Peak host memory per rank: its shards + the pages of the tensor being copied (a box of it for row
-shards; a whole source tensor for column shards, fused MoE targets and DCP releases).
+Peak host memory per rank: its shards + one ~64 MiB block of the source being copied; a weight
+built whole (MoE converter targets, an mm tensor whose keymap op is not a row permutation) adds
+that one tensor (``LoadReport.built_whole`` lists them).
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from omnitune.checkpoint.mm_load import is_dcp_release
 from omnitune.config.errors import ConfigError
 
 KINDS = ("hf", "mm", "dcp", "resume")
@@ -136,13 +140,96 @@ def gather(src, idx: list[Optional[torch.Tensor]]) -> torch.Tensor:
     return out
 
 
-def _put(out: torch.Tensor, dim: int, pos: torch.Tensor, part: torch.Tensor) -> None:
-    """out[..., pos, ...] = part along ``dim`` (a slice copy when ``pos`` is consecutive)."""
+BLOCK = 64 << 20   # bytes of a source mapped at a time
+
+
+class _Mapped:
+    """A tensor stored in a file: the strided view (shape, stride, storage offset, in elements) of
+    the bytes from ``base``. Row ranges are mapped on demand (``stream._pread_tensor``: private
+    mapping, pages faulted in only where copied, gone when the view is)."""
+
+    def __init__(self, f, base: int, dtype: torch.dtype, shape, stride, soff: int = 0):
+        self.f, self.base, self.dtype = f, base, dtype
+        self.shape, self.stride, self.soff = tuple(shape), tuple(stride), soff
+        self.isz = torch.empty((), dtype=dtype).element_size()
+
+    @classmethod
+    def of_view(cls, f, base: int, view: torch.Tensor) -> "_Mapped":
+        return cls(f, base, view.dtype, view.shape, view.stride(), view.storage_offset())
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        from omnitune.convert.stream import _pread_tensor
+
+        shape = (b - a, *self.shape[1:])
+        if not all(shape):
+            return torch.empty(shape, dtype=self.dtype)
+        rest = 1 + sum((n - 1) * st for n, st in zip(self.shape[1:], self.stride[1:]))
+        lo = self.soff + a * self.stride[0]
+        hi = self.soff + (b - 1) * self.stride[0] + rest
+        raw = _pread_tensor(self.f, self.base + lo * self.isz, (hi - lo) * self.isz, self.dtype)
+        return raw.as_strided(shape, self.stride)
+
+    def scalar(self) -> torch.Tensor:
+        from omnitune.convert.stream import _pread_tensor
+        return _pread_tensor(self.f, self.base + self.soff * self.isz, self.isz, self.dtype).view(())
+
+    def step(self) -> int:
+        """Rows per mapping: about BLOCK bytes."""
+        return max(1, BLOCK // max(1, self.stride[0] * self.isz))
+
+
+class _InMemory:
+    """A tensor already in memory, behind the same row interface as :class:`_Mapped`."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t, self.shape, self.dtype = t, tuple(t.shape), t.dtype
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        return self.t.narrow(0, a, b - a)
+
+    def step(self) -> int:
+        return max(1, self.shape[0])
+
+
+def _source(t) -> "_Mapped | _InMemory":
+    return t if isinstance(t, (_Mapped, _InMemory)) else _InMemory(t)
+
+
+def _row_runs(rows: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(first source row, length, first position) of each consecutive run of ``rows``."""
+    if not len(rows):
+        return []
+    cut = ((rows[1:] - rows[:-1]) != 1).nonzero().flatten() + 1
+    starts = [0, *cut.tolist()]
+    ends = [*cut.tolist(), len(rows)]
+    return [(int(rows[a]), b - a, a) for a, b in zip(starts, ends)]
+
+
+def copy_rows(src, rows: torch.Tensor, rest: list, dst: torch.Tensor) -> None:
+    """``dst[j] = src[rows[j]][rest...]``: the source rows are read run by run, about BLOCK bytes
+    of a mapped source at a time, so at most that much of it is resident besides ``dst``."""
+    src = _source(src)
+    step = src.step()
+    for s0, n, j in _row_runs(rows):
+        for b in range(0, n, step):
+            k = min(step, n - b)
+            blk = src.rows(s0 + b, s0 + b + k)
+            dst.narrow(0, j + b, k).copy_(gather(blk, [None, *rest]))
+            del blk
+
+
+def _into(out: torch.Tensor, dim: int, pos: torch.Tensor, write) -> None:
+    """``write(dst)`` fills ``out`` at positions ``pos`` of ``dim``: straight into a slice of
+    ``out`` when ``pos`` is one run, else through a temporary and ``index_copy_``."""
     r = _run(pos)
     if r is not None:
-        out.narrow(dim, *r).copy_(part)
+        write(out.narrow(dim, *r))
     else:
-        out.index_copy_(dim, pos, part.to(out.dtype))
+        shape = list(out.shape)
+        shape[dim] = len(pos)
+        tmp = torch.empty(shape, dtype=out.dtype, device=out.device)
+        write(tmp)
+        out.index_copy_(dim, pos, tmp)
 
 
 # ------------------------------------------------------------------------------------ targets
@@ -157,11 +244,15 @@ class _Target:
     filled: bool = False
 
     def fill(self, src, what: str) -> None:
-        """``src``: the full-shaped source tensor (view / mapped) of this target."""
+        """``src``: this target's full-shaped source (a tensor or a :class:`_Mapped`)."""
         if tuple(src.shape) != self.shape:
             raise ConfigError(f"{what}: {tuple(src.shape)} does not fit the model's {self.names[0]} "
                               f"{self.shape}; does the checkpoint belong to this config.json?")
-        self.local.copy_(gather(src, self.idx))
+        if not self.shape:   # 0-d
+            self.local.copy_(src.scalar() if isinstance(src, _Mapped) else src)
+        else:
+            rows = self.idx[0] if self.idx[0] is not None else torch.arange(self.shape[0])
+            copy_rows(src, rows, self.idx[1:], self.local)
         self.filled = True
 
 
@@ -203,6 +294,7 @@ class _HfFolder:
 
         self.path, self.hf = Path(path), hf
         self.whole: list[str] = []
+        self.files: dict = {}
         self.idx = SafetensorsIndex(self.path)
         if not self.idx.keys():
             raise ConfigError(f"--load {path}: no *.safetensors weights")
@@ -227,15 +319,14 @@ class _HfFolder:
                 conv, parts = self.converted.setdefault(name, (by_pattern[pattern], []))
                 parts.append((key, pattern))
 
-    def provides(self) -> set[str]:
-        return set(self.direct) | set(self.converted)
-
     def fill(self, targets: dict[str, _Target]) -> None:
         for name, key in self.direct.items():
-            tg = targets[name]
-            src = self.idx.read(key)          # mapped: only the box's pages are read by the copy
-            tg.fill(src, f"--load {self.path}: {key!r}")
-            del src
+            path, dtype, shape, a, _ = self.idx.entries[key]
+            f = self.files.get(path)
+            if f is None:
+                f = self.files[path] = open(path, "rb")
+            src = _Mapped(f, a, dtype, shape, torch.empty(shape, device="meta").stride())
+            targets[name].fill(src, f"--load {self.path}: {key!r}")
         for first, (conv, parts) in self.converted.items():
             self._fill_converted(first, conv, parts, targets)
 
@@ -268,7 +359,7 @@ class _HfFolder:
                 want = (len(sub), *tg.shape[1:])
                 if tuple(t.shape) != want:
                     raise ConfigError(f"--load {self.path}: {name!r} built as {tuple(t.shape)}, expected {want}")
-                tn.local.copy_(gather(t, [None, *tg.idx[1:]]))
+                copy_rows(t, torch.arange(len(sub)), tg.idx[1:], tn.local)
                 tn.filled = True
             else:
                 tn.fill(t, f"--load {self.path}: {name!r} (from {len(parts)} tensors)")
@@ -276,6 +367,8 @@ class _HfFolder:
 
     def close(self):
         self.idx.close()
+        for f in self.files.values():
+            f.close()
 
 
 # ------------------------------------------------------------------------------------ mm folder
@@ -293,6 +386,7 @@ class _MmFolder:
 
         self.path, self.L = Path(path), L
         self.whole: list[str] = []
+        self.handles: dict = {}
         km = self.km = keymap_for(family)
         self.sizes = km.Sizes.from_config(hf.config.to_dict())
         self.mods = km.modules(self.sizes)
@@ -304,7 +398,8 @@ class _MmFolder:
         full_meta = km.hf_to_mm(hf_meta, self.sizes, 1)
         try:
             self.par = E.detect_layout(self.path, self.mods, km, self.sizes, full_meta)
-            L.validate_layout(self.par, self.mods, field_prefix=f"--load {path}", divisible=km.tp_divisibility(self.sizes))
+            L.validate_layout(self.par, self.mods, field_prefix=f"--load {path}",
+                              divisible=km.tp_divisibility(self.sizes))
             self.src = E.MmSource(self.path, self.par, self.mods, km, "--load")
         except L.ConvertError as e:
             raise ConfigError(f"{e} (layout read from the folder; does it belong to this model's config.json?)") from e
@@ -323,7 +418,17 @@ class _MmFolder:
 
     def _read(self, rank: int, mk: str) -> torch.Tensor:
         f, where = self.src.loc[(rank, mk)]
-        return self.src.files[f].read(where)            # mapped, lazily paged in
+        return self.src.files[f].read(where)
+
+    def _mapped(self, rank: int, mk: str) -> _Mapped:
+        """TP piece ``rank`` of ``mk`` in its model_optim_rng.pt (located by PtIndex)."""
+        f, where = self.src.loc[(rank, mk)]
+        ix = self.src.files[f]
+        start, dtype, shape, stride, soff = ix.locs[where]
+        h = self.handles.get(ix.path)
+        if h is None:
+            h = self.handles[ix.path] = open(ix.path, "rb")
+        return _Mapped(h, start, dtype, shape, stride, soff)
 
     def _merge(self, kind, pieces):
         return self.L.MERGERS[kind](pieces) if len(pieces) > 1 else pieces[0]
@@ -369,30 +474,24 @@ class _MmFolder:
             cols = idx[1] if idx[1] is not None else torch.arange(tg.shape[1])
             for i, r in enumerate(ranks):
                 pos = ((cols // lc) == i).nonzero().flatten()
-                if not len(pos):
-                    continue
-                piece = self._read(r, mk)
-                part = gather(piece, [code[rows, i] & _MASK, cols[pos] % lc, *idx[2:]])
-                _put(out, 1, pos, part)
-                del piece, part
-        else:
+                if len(pos):
+                    piece = self._mapped(r, mk)
+                    _into(out, 1, pos, lambda dst: copy_rows(piece, code[rows, i] & _MASK,
+                                                             [cols[pos] % lc, *idx[2:]], dst))
+        else:           # each row from the piece holding it
             c = code[rows, 0]
             which, local = c >> _CODE, c & _MASK
             for i, r in enumerate(ranks):
                 pos = (which == i).nonzero().flatten()
-                if not len(pos):
-                    continue
-                piece = self._read(r, mk)
-                part = gather(piece, [local[pos], *idx[1:]])
-                if len(pos) == out.shape[0]:
-                    out.copy_(part)
-                else:
-                    _put(out, 0, pos, part)
-                del piece, part
+                if len(pos):
+                    piece = self._mapped(r, mk)
+                    _into(out, 0, pos, lambda dst: copy_rows(piece, local[pos], idx[1:], dst))
         tg.filled = True
 
     def close(self):
         self.src.close()
+        for h in self.handles.values():
+            h.close()
 
 
 # ------------------------------------------------------------------------------------ MindSpeed DCP
@@ -424,37 +523,32 @@ class _DcpRelease:
                 continue
             if hit[0] not in targets:
                 raise ConfigError(f"--load {self.path}: DCP entry {name!r} has no place in the model ({hit[0]!r})")
-            _, t = self.fn(name, self._mapped(name), self.experts, shapes)   # reshape / transpose: views
-            targets[hit[0]].fill(t, f"--load {self.path}: {name!r}")
-            del t
+            targets[hit[0]].fill(self._source(name, shapes), f"--load {self.path}: {name!r}")
 
-    def _mapped(self, name: str) -> torch.Tensor:
-        """The entry as a mapped tensor when it is one saved chunk (as ``hf_to_dcp`` writes): its
-        ``torch.save`` record is located inside the .distcp file from the record's header alone
-        (``skip_data``), so copying a box faults in only its pages. Else read whole."""
-        from omnitune.convert.stream import _pread_tensor
-
+    def _source(self, name: str, shapes):
+        """The entry after ``dcp_to_model`` as a :class:`_Mapped` when it is one saved chunk (as
+        ``hf_to_dcp`` writes) and the keymap's transform is a view (reshape / transpose): the
+        entry's ``torch.save`` record is located inside the .distcp file from its header alone
+        (``skip_data``) and the transform is applied to a meta view of it. Else read whole."""
         idx, fqn = self.src.idx, self.src.names[name]
         md = idx.md.state_dict_metadata[fqn]
         parts = idx.chunks[fqn]
         info = parts[0][1]
-        if len(parts) != 1 or any(parts[0][0] or ()) or getattr(info, "transform_descriptors", None):
-            self.whole.append(name)
-            return self.src.read(name)
-        f = self._files.get(info.relative_path)
-        if f is None:
-            f = self._files[info.relative_path] = open(idx.folder / info.relative_path, "rb")
-        with torch.serialization.skip_data():
-            meta = torch.load(_FileSlice(f, info.offset, info.length), map_location="meta", weights_only=True)
-        reader = torch._C.PyTorchFileReader(_FileSlice(f, info.offset, info.length))
-        recs = [r for r in reader.get_all_records() if r.startswith("data/")]
-        if not isinstance(meta, torch.Tensor) or tuple(meta.shape) != tuple(md.size) or len(recs) != 1:
-            self.whole.append(name)
-            return self.src.read(name)
-        isz = meta.element_size()
-        extent = 1 + sum((n - 1) * st for n, st in zip(meta.shape, meta.stride())) if meta.numel() else 0
-        start = info.offset + reader.get_record_offset(recs[0]) + meta.storage_offset() * isz
-        return _pread_tensor(f, start, extent * isz, meta.dtype).as_strided(meta.shape, meta.stride())
+        if len(parts) == 1 and not any(parts[0][0] or ()) and not getattr(info, "transform_descriptors", None):
+            f = self._files.get(info.relative_path)
+            if f is None:
+                f = self._files[info.relative_path] = open(idx.folder / info.relative_path, "rb")
+            with torch.serialization.skip_data():
+                meta = torch.load(_FileSlice(f, info.offset, info.length), map_location="meta", weights_only=True)
+            recs = [r for r in torch._C.PyTorchFileReader(_FileSlice(f, info.offset, info.length)).get_all_records()
+                    if r.startswith("data/")]
+            if isinstance(meta, torch.Tensor) and tuple(meta.shape) == tuple(md.size) and len(recs) == 1:
+                view = self.fn(name, meta, self.experts, shapes)[1]
+                if view is meta or view._base is meta:
+                    reader = torch._C.PyTorchFileReader(_FileSlice(f, info.offset, info.length))
+                    return _Mapped.of_view(f, info.offset + reader.get_record_offset(recs[0]), view)
+        self.whole.append(name)
+        return self.fn(name, self.src.read(name), self.experts, shapes)[1]
 
     def close(self):
         for f in self._files.values():
@@ -585,10 +679,9 @@ def _retie(model: nn.Module, groups: list[list[str]]) -> None:
 def _source_for(kind: str, path, family, hf, targets):
     if kind == "hf":
         return _HfFolder(path, family, hf)
-    if kind == "mm":
-        from omnitune.checkpoint.mm_load import is_dcp_release
-        return _DcpRelease(path, family, hf) if is_dcp_release(path) else _MmFolder(path, family, hf, targets)
-    raise ValueError(kind)
+    if is_dcp_release(path):
+        return _DcpRelease(path, family, hf)
+    return _MmFolder(path, family, hf, targets)
 
 
 def materialize_and_load(train_model: nn.Module, family, source_kind: Optional[str], path=None,
@@ -597,10 +690,11 @@ def materialize_and_load(train_model: nn.Module, family, source_kind: Optional[s
     sharded) on ``device`` and fill each rank's shards from ``path``.
 
     source_kind: "hf" (safetensors folder; Omni: the full folder, thinker.* only), "mm" (Megatron
-    folder or MindSpeed-MM DCP release, as ``--load`` detects them), "dcp" / "resume" (omnitune
-    training checkpoint: its model weights), or None (materialise and recompute buffers only; the
-    caller fills every parameter, e.g. ``checkpoint.dcp.load_checkpoint`` on resume).
-    Collective for "dcp"/"resume" (DCP); the other kinds read files only.
+    folder or MindSpeed-MM DCP release, as ``--load`` detects them), "resume" (omnitune training
+    checkpoint, root or iteration folder: its model weights), "dcp" (either DCP kind, detected), or
+    None (materialise and recompute buffers only; the caller fills every parameter, e.g.
+    ``checkpoint.dcp.load_checkpoint`` on resume). Collective for training checkpoints (DCP); the
+    other kinds only read files.
     """
     if source_kind is not None and source_kind not in KINDS:
         raise ValueError(f"source_kind {source_kind!r}: one of {KINDS} or None")
@@ -615,7 +709,7 @@ def materialize_and_load(train_model: nn.Module, family, source_kind: Optional[s
         if source_kind is None:
             return report
         targets = _targets(hf)
-        if source_kind in ("dcp", "resume"):
+        if source_kind == "resume" or (source_kind == "dcp" and not is_dcp_release(path)):
             _load_training_dcp(path, hf, targets)
         else:
             src = _source_for(source_kind, path, family, hf, targets)
