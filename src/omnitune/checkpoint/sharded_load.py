@@ -13,7 +13,7 @@ DTensor placements (Shard on any dim, _StridedShard from FSDP2-over-TP, Replicat
 dimensionality) into the global indices it holds along each tensor dim. The source is then asked
 for exactly that box:
 
-- ``hf``: safetensors tensors are read through private file mappings, about 64 MiB of rows at a
+- ``hf``: safetensors tensors are read through private file mappings, about 32 MiB of rows at a
   time (:func:`copy_rows`), so only this rank's box is ever paged in. Folder names -> module names
   go through transformers' own conversion mapping (renames, the Omni ``thinker.`` prefix); a weight
   transformers builds from several tensors (per-expert MoE weights stacked into
@@ -33,7 +33,7 @@ checked (FSDP2 keeps one shared parameter; plain modules are re-tied) or tied by
 parameter the checkpoint lacks is an error naming it, except ``family.unused_parameters``
 (zero-filled, reported).
 
-Peak host memory per rank: its shards + one ~64 MiB block of the source being copied; a weight
+Peak host memory per rank: its shards + one ~32 MiB block of the source being copied; a weight
 built whole (MoE converter targets, an mm tensor whose keymap op is not a row permutation) adds
 that one tensor (``LoadReport.built_whole`` lists them).
 """
@@ -140,7 +140,7 @@ def gather(src, idx: list[Optional[torch.Tensor]]) -> torch.Tensor:
     return out
 
 
-BLOCK = 64 << 20   # bytes of a source mapped at a time
+BLOCK = 32 << 20   # bytes of a source mapped at a time
 
 
 class _Mapped:
