@@ -174,7 +174,10 @@ class _Mapped:
         return _pread_tensor(self.f, self.base + self.soff * self.isz, self.isz, self.dtype).view(())
 
     def step(self) -> int:
-        """Rows per mapping: about BLOCK bytes."""
+        """Rows per mapping: about BLOCK bytes (all rows when rows interleave in the file)."""
+        rest = 1 + sum((n - 1) * st for n, st in zip(self.shape[1:], self.stride[1:]))
+        if self.stride[0] < rest:
+            return max(1, self.shape[0])
         return max(1, BLOCK // max(1, self.stride[0] * self.isz))
 
 
@@ -376,6 +379,19 @@ _CODE = 40            # trace code = piece << 40 | row of the piece
 _MASK = (1 << _CODE) - 1
 
 
+def _is_selection(traced: dict, rows: list[int]) -> bool:
+    """The traced outputs only pick rows: every code names a real row of a real piece, none twice."""
+    c = torch.cat([t.flatten() for t in traced.values()]) if traced else torch.empty(0, dtype=torch.int64)
+    if c.dtype != torch.int64:
+        return False
+    which, local = c >> _CODE, c & _MASK
+    if len(c) and (int(which.min()) < 0 or int(which.max()) >= len(rows)):
+        return False
+    if bool((local >= torch.tensor(rows)[which]).any()):
+        return False
+    return len(torch.unique(c)) == len(c)
+
+
 class _MmFolder:
     """Megatron ("mm") folder -> targets, one mm tensor at a time, each row from its TP piece."""
 
@@ -456,7 +472,7 @@ class _MmFolder:
         width = len(ranks) if row_split else 1
         ok = traced is not None and set(traced) == set(hf_meta) and all(
             traced[h].dim() == nd and traced[h].shape[0] == hf_meta[h].shape[0] and traced[h][0].numel() == width
-            for h in hf_meta)
+            for h in hf_meta) and _is_selection(traced, [m.shape[0] for m in metas])
         if not ok:   # a keymap op that is not a row permutation: build the full tensor (one mm tensor)
             self.whole.append(mk)
             full = self.km.mm_to_hf({mk: self._merge(kind, [self._read(r, mk) for r in ranks])}, self.sizes)
@@ -699,6 +715,9 @@ def materialize_and_load(train_model: nn.Module, family, source_kind: Optional[s
     if source_kind is not None and source_kind not in KINDS:
         raise ValueError(f"source_kind {source_kind!r}: one of {KINDS} or None")
     hf = getattr(train_model, "hf", train_model)
+    if not all(t.is_meta for t in train_model.parameters()):
+        raise ValueError("materialize_and_load: the model is not (entirely) on the meta device; build it with "
+                         "train.model.build_meta_model")
     device = torch.device(device) if device is not None else torch.device("cpu")
     ties = _shared_groups(train_model)
     train_model.to_empty(device=device)
