@@ -122,6 +122,19 @@ def load_hf_model(family: ModelFamily, hf_dir: str | None, config=None, init_wei
     return model
 
 
+def build_meta_model(family: ModelFamily, hf_config) -> nn.Module:
+    """``--init-model-with-meta-device``: the fp32 trainable model (Omni: the thinker, from a full
+    folder's config too) with every parameter and buffer on the meta device (no memory). Shard it
+    (TP/EP plans, FSDP2), then ``checkpoint.sharded_load.materialize_and_load`` gives each rank its
+    own shards."""
+    with torch.device("meta"):
+        model = family.model_class()._from_config(family.trainable_config(hf_config), dtype=torch.float32)
+    model.config.use_cache = False
+    for p in family.unused_parameters(model):   # as load_hf_model: never gets a grad
+        p.requires_grad_(False)
+    return model
+
+
 def apply_freeze(model: nn.Module, family: ModelFamily, frozen: set[str]) -> dict[str, int]:
     """Set requires_grad from model.json freeze flags. Returns trainable parameter counts per group."""
     counts = {}
