@@ -24,5 +24,5 @@ def parallelize(train_model: nn.Module, family, dims, bf16: bool) -> nn.Module:
         from omnitune.parallel.cp import apply_cp
         apply_cp(train_model, family, dims.mesh["cp"])
     from omnitune.parallel.fsdp import apply_fsdp
-    apply_fsdp(train_model, family.fsdp_units(train_model.hf), dims.mesh["dp_cp"], bf16)
+    apply_fsdp(train_model, family.fsdp_units(train_model.hf), dims.mesh["dp_cp"], bf16, dims=dims)
     return train_model

@@ -258,9 +258,10 @@ class Trainer:
         parallelize(self.model, plan.family, dims, a.bf16)
         if meta:
             from omnitune.checkpoint.sharded_load import materialize_and_load
-            kind = plan.load_kind if plan.load_kind in ("hf", "mm") else "none"
-            materialize_and_load(self.model, plan.family, kind, plan.load_path, device=dist_ctx.device,
-                                 hf_config=plan.hf_config)
+            # resume: materialise only; load_checkpoint below fills every shard from the DCP files
+            kind = plan.load_kind if plan.load_kind in ("hf", "mm") else None
+            report = materialize_and_load(self.model, plan.family, kind, plan.load_path, device=dist_ctx.device)
+            self.log(report.describe())
         self.optimizer = build_optimizer(self.model, a.lr, a.weight_decay, (a.adam_beta1, a.adam_beta2),
                                          a.adam_eps, allow_empty=a.enable_dummy_optimizer)
         self.iteration = 0
@@ -352,14 +353,12 @@ class Trainer:
         return out
 
     def _clip_grad(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:
-            return 0.0
+        """Global gradient norm over every parameter, whichever mesh it lives on (TP 2-D, FSDP
+        1-D, experts on the EP mesh); gradients scaled to --clip-grad (0: not clipped)."""
+        from omnitune.parallel.fsdp import clip_grad_norm
+
         max_norm = self.args.clip_grad if self.args.clip_grad > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
+        return clip_grad_norm(self.model.parameters(), max_norm)
 
     # --------------------------------------------------------------------------------- loop
     def fit(self) -> list[float]:
