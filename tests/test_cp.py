@@ -180,23 +180,15 @@ LR = 1e-3
 def train_step(tm, d, dims, loss_type: str, micro_batches: list[dict]) -> float:
     """One step through the real ``Trainer.train_step`` (a Trainer made with ``__new__``, holding
     only what train_step reads, no optimizer: the caller steps it); returns the step's loss.
-
-    The current train_step treats every rank as data-parallel (micro-batches per step x world
-    size, counts summed over the world, backward x world); the cp ranks of a group read the same
-    micro-batches, so loss and gradients come out exactly 1/cp of the true ones. UNDO restores
-    them; it is 1 once train_step counts data-parallel ranks (dims.dp) for the weights and scales
-    the backward by dims.dp_cp."""
+    train_step counts the data-parallel ranks (dims.dp) for the weights and scales the backward by
+    dims.dp_cp, so the cp ranks' partial-sequence losses add up to the true loss."""
     from omnitune.train.trainer import Trainer
 
-    UNDO = dims.cp
     t = Trainer.__new__(Trainer)
     t.args = SimpleNamespace(bf16=False, clip_grad=0.0)
-    t.d, t.model, t.optimizer, t.loss_type = d, tm, None, loss_type
+    t.d, t.dims, t.model, t.optimizer, t.loss_type = d, dims, tm, None, loss_type
     stats = t.train_step(micro_batches)
-    for p in tm.parameters():
-        if p.grad is not None:
-            p.grad.mul_(UNDO)
-    return stats["loss"] * UNDO
+    return stats["loss"]
 
 
 def reference_loss(model, mbs: list[dict], loss_type: str) -> torch.Tensor:

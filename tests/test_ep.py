@@ -137,17 +137,15 @@ def reference_steps(fam, hf, mbs: list[dict], steps: int):
 
 # ----------------------------------------------------------------------------------- trainer
 def ep_trainer(dims, model, opt, clip: float):
-    """What ``Trainer.train_step`` needs, for a model sharded with EP + FSDP2 (one place to adapt
-    when the lead rewires train_step): data-parallel world = dp_cp, clipping over both meshes."""
-    from omnitune.parallel.fsdp import clip_grad_norm
+    """What ``Trainer.train_step`` needs, for a model sharded with EP + FSDP2."""
     from omnitune.train.trainer import Trainer
 
     t = Trainer.__new__(Trainer)
     t.args = SimpleNamespace(bf16=False, clip_grad=clip)
-    t.d = SimpleNamespace(device=torch.device("cpu"), world_size=dims.dp_cp, rank=dims.rank)
+    t.d = SimpleNamespace(device=torch.device("cpu"), world_size=dims.world, rank=dims.rank)
+    t.dims = dims
     t.model, t.optimizer, t.loss_type = model, opt, "default"
-    t._clip_grad = lambda: clip_grad_norm(list(model.parameters()), clip if clip > 0 else float("inf"))
-    return t
+    return t   # train_step clips through parallel.fsdp.clip_grad_norm (both meshes)
 
 
 def build_ep(fam, hf, fused: bool, dims, recompute: bool = False):
