@@ -135,6 +135,13 @@ class ModelFamily:
     #: kwarg (rows kwarg -> mask kwarg); each rank keeps the rows of its sequence chunk
     cp_masked_rows: dict[str, str] = {}
 
+    def tp_plan(self, model: nn.Module) -> dict:
+        """Tensor-parallel plan of ``model``: module path pattern -> style name(s) (parallel/tp.py),
+        from ``tp_plan(model)`` in the family folder's tp.py."""
+        import importlib
+
+        return importlib.import_module(type(self).__module__.rsplit(".", 1)[0] + ".tp").tp_plan(model)
+
     def text_config(self, config):
         """The text decoder's config from the trainable model's or a folder's config."""
         config = self.trainable_config(config)

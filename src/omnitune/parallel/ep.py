@@ -4,7 +4,7 @@
 Order in the trainer: ``TrainModel`` (picks fused / eager experts per module) -> TP -> :func:`apply_ep`
 -> ``parallel.fsdp.apply_fsdp(..., dims=dims)`` (expert weights FSDP2-sharded over
 ``ep_mesh["dp_cp_mod_ep"]``, everything else over ``mesh["dp_cp"]``) -> optimizer; clip gradients
-with ``parallel.fsdp.clip_grad_norm`` (the experts' gradients live on another mesh).
+with ``parallel.grad.clip_grad_norm_`` (the experts' gradients live on another mesh).
 
 The expert weights (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) become DTensors
 ``Shard(0)`` on the ep mesh: rank j of an ep group holds experts ``j*E/ep .. (j+1)*E/ep - 1``.

@@ -12,8 +12,6 @@ every other parameter gets -- not FSDP's default group size ``dp_cp / ep``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -39,30 +37,3 @@ def apply_fsdp(model: nn.Module, units: list[nn.Module], mesh, bf16: bool, dims=
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
-
-@torch.no_grad()
-def clip_grad_norm(params, max_norm: float, norm_type: float = 2.0) -> float:
-    """``torch.nn.utils.clip_grad_norm_`` for gradients on several meshes (EP: experts on the ep
-    mesh, the rest on dp_cp): one norm per mesh (``full_tensor`` of its DTensor norm), combined,
-    then every gradient scaled by ``min(1, max_norm / (total + 1e-6))``. Returns the total norm.
-    Collective over every rank when any gradient is a DTensor."""
-    groups: dict = {}
-    for p in params:
-        if p.grad is not None:
-            g = p.grad
-            groups.setdefault(getattr(g, "device_mesh", None), []).append(g)
-    if not groups:
-        return 0.0
-    norm_type = float(norm_type)
-    norms = []
-    for mesh, grads in groups.items():
-        n = torch.nn.utils.get_total_norm(grads, norm_type)
-        if hasattr(n, "full_tensor"):
-            n = n.full_tensor()
-        norms.append(float(n))
-    total = max(norms) if math.isinf(norm_type) else sum(n ** norm_type for n in norms) ** (1.0 / norm_type)
-    coef = min(1.0, float(max_norm) / (total + 1e-6))
-    if coef < 1.0:
-        for grads in groups.values():
-            torch._foreach_mul_(grads, coef)
-    return total

@@ -67,7 +67,11 @@ def token_losses(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.T
     h = hidden[mask]                      # only trained positions go through the vocab projection
     t = target[mask]
     rows = chunk_rows(h.shape[0], compute_mode, chunk_size)
-    if rows is None:
+    from omnitune.ops.vocab_parallel import is_vocab_sharded
+    if is_vocab_sharded(lm_head.weight):   # tensor parallel: logits stay sharded on the vocabulary
+        from omnitune.ops.vocab_parallel import vocab_parallel_linear_cross_entropy
+        per_token = vocab_parallel_linear_cross_entropy(h, lm_head.weight, lm_head.bias, t, rows)
+    elif rows is None:
         logits = lm_head(h).float()
         per_token = F.cross_entropy(logits, t, reduction="none")
     else:

@@ -355,10 +355,10 @@ class Trainer:
     def _clip_grad(self) -> float:
         """Global gradient norm over every parameter, whichever mesh it lives on (TP 2-D, FSDP
         1-D, experts on the EP mesh); gradients scaled to --clip-grad (0: not clipped)."""
-        from omnitune.parallel.fsdp import clip_grad_norm
+        from omnitune.parallel.grad import clip_grad_norm_
 
         max_norm = self.args.clip_grad if self.args.clip_grad > 0 else float("inf")
-        return clip_grad_norm(self.model.parameters(), max_norm)
+        return clip_grad_norm_(self.model.parameters(), max_norm)
 
     # --------------------------------------------------------------------------------- loop
     def fit(self) -> list[float]:

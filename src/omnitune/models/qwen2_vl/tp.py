@@ -1,0 +1,48 @@
+"""Qwen2-VL tensor-parallel plan (module path pattern -> style, see omnitune.parallel.tp).
+
+The Qwen2 text decoder part (:func:`qwen2_text_plan`) is shared by Qwen2.5-VL and Qwen2.5-Omni.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+def qwen2_text_plan(model: nn.Module, prefix: str = "model.language_model", lm_head: str = "lm_head") -> dict:
+    """Vocab-parallel embedding and lm_head; q/k/v and gate/up colwise, o/down rowwise; the
+    sequence-parallel entries (sp_*) only act with ``sequence_parallel``. Dense MLP layers only
+    (a MoE block, if any, keeps its experts replicated: see qwen3_vl.tp)."""
+    layers = f"{prefix}.layers.*"
+    return {
+        f"{prefix}.embed_tokens": "embedding",
+        layers: "sp_layer",
+        f"{layers}.input_layernorm": "sp_norm",
+        f"{layers}.post_attention_layernorm": "sp_norm",
+        f"{layers}.self_attn": "sp_gather",
+        f"{layers}.self_attn.q_proj": "colwise",
+        f"{layers}.self_attn.k_proj": "colwise",
+        f"{layers}.self_attn.v_proj": "colwise",
+        f"{layers}.self_attn.o_proj": "rowwise_seq",
+        f"{layers}.mlp": "sp_gather",
+        f"{layers}.mlp.gate_proj": "colwise",
+        f"{layers}.mlp.up_proj": "colwise",
+        f"{layers}.mlp.down_proj": "rowwise_seq",
+        lm_head: "lm_head",
+    }
+
+
+def vision_plan(model: nn.Module, prefix: str = "model.visual") -> dict:
+    """Qwen2-VL ViT: fused qkv split per head, proj rowwise; MLP fc1/fc2; merger MLP."""
+    blocks = f"{prefix}.blocks.*"
+    return {
+        f"{blocks}.attn": "heads:num_heads",
+        f"{blocks}.attn.qkv": "colwise_qkv",
+        f"{blocks}.attn.proj": "rowwise",
+        f"{blocks}.mlp.fc1": "colwise",
+        f"{blocks}.mlp.fc2": "rowwise",
+        f"{prefix}.merger.mlp.0": "colwise",
+        f"{prefix}.merger.mlp.2": "rowwise",
+    }
+
+
+def tp_plan(model: nn.Module) -> dict:
+    return {**vision_plan(model), **qwen2_text_plan(model)}
