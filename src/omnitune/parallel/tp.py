@@ -292,3 +292,21 @@ def apply_tp(model: nn.Module, family, tp_mesh, sequence_parallel: bool = False)
                                  f"layouts ({kp} vs {op}); give both the same sharding")
             mod.register_parameter(p, keep)
     return model
+
+
+#: styles that shard their module's weight (and, column-wise, its bias) over the TP ranks
+_SHARDING = {"colwise": ("weight", "bias"), "colwise_qkv": ("weight", "bias"), "lm_head": ("weight", "bias"),
+             "embedding": ("weight",), "rowwise": ("weight",), "rowwise_seq": ("weight",)}
+
+
+def tp_sharded_parameter_names(model: nn.Module, family) -> list[str]:
+    """Names of the parameters ``family.tp_plan`` splits over the TP ranks (for the memory estimate
+    of ``--dry-run``; works on a meta-device model)."""
+    out = []
+    for path, styles in resolve_plan(model, family.tp_plan(model)):
+        mod = model.get_submodule(path)
+        for s in styles:
+            for pname in _SHARDING.get(s, ()):
+                if getattr(mod, pname, None) is not None:
+                    out.append(f"{path}.{pname}" if path else pname)
+    return out
