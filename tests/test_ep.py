@@ -389,13 +389,14 @@ def _worker(suite: str, out: Path) -> None:
         t_ep = time.perf_counter() - t0
         if d.rank == 0:
             losses, norms, want = reference_steps(fam, ref, mbs, STEPS)
-            worst = 0.0
-            n = 0
+            worst, worst_name, n = 0.0, "", 0
             for pname, w in want.items():
                 g = grads.get(pname)
                 assert g is not None, pname
                 assert_close_scaled(g, w, rel=1e-5, scale=1e-5, msg=f"case {ci} {pname}")
-                worst = max(worst, float((g.double() - w).abs().max()) / max(float(w.abs().max()), 1e-30))
+                rel = float((g.double() - w).abs().max()) / max(float(w.abs().max()), 1e-30)
+                if rel > worst:
+                    worst, worst_name = rel, pname
                 n += 1
             assert not (set(grads) - set(want)) or all(float(grads[k].abs().max()) == 0
                                                       for k in set(grads) - set(want))
@@ -409,7 +410,7 @@ def _worker(suite: str, out: Path) -> None:
                 assert abs(a - b) <= 1e-4 * abs(b), (ci, got_n, norms)
             assert norms[0] > CLIP  # clipping was active
             dl = max(abs(a - b) / abs(b) for a, b in zip(got_l, losses))
-            print(f"CHECKED {suite} {name} fused={fused} image={bool(image_in)} recompute={recompute} grads={n} max_grad_diff/max={worst:.2e} "
+            print(f"CHECKED {suite} {name} fused={fused} image={bool(image_in)} recompute={recompute} grads={n} max_grad_diff/max={worst:.2e} ({worst_name}) "
                   f"loss_rel={dl:.2e} losses={[round(x, 6) for x in got_l]} norms={[round(x, 4) for x in got_n]} "
                   f"ep_s={t_ep:.1f} total_s={time.perf_counter() - t0:.1f}", flush=True)
         if ci == len(cases) - 1:
