@@ -169,8 +169,12 @@ def test_apply_ep_without_ep_is_a_no_op():
     from omnitune.parallel.ep import apply_ep, ep_experts_modules
 
     fam = get_family("qwen3_vl_moe")
-    hf = fam.model_class()(fam.tiny_config())
+    with torch.device("meta"):
+        hf = fam.model_class()(fam.tiny_config())
     assert apply_ep(hf, fam, ParallelDims(world=2, ep=1)) == [] and ep_experts_modules(hf) == []
+    with pytest.raises(ValueError, match="4 experts per layer are not divisible by it"):
+        apply_ep(hf, fam, ParallelDims(world=3, ep=3))   # refused before any mesh is used
+    assert ep_experts_modules(hf) == []
 
 
 def _torchrun(nproc: int, suite: str, out: Path, timeout: int = 900) -> str:
@@ -241,6 +245,29 @@ def _check_dcp_in_one_process(out: Path, family: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- torchrun worker
+def _check_resume_at_ep(fam, fused: bool, dims, save: Path, full: dict, opt) -> None:
+    """Resume the EP checkpoint into a fresh EP + FSDP2 model (other random weights): every weight
+    and every AdamW moment equals the saved run's (full tensors, exact)."""
+    from omnitune.checkpoint.dcp import load_checkpoint, resolve_checkpoint
+
+    torch.manual_seed(123)
+    hf = fam.model_class()(fam.tiny_config()).float()
+    hf.config.use_cache = False
+    for p in fam.unused_parameters(hf):
+        p.requires_grad_(False)
+    tm = build_ep(fam, hf, fused, dims)
+    opt2 = optimizer(tm)
+    load_checkpoint(resolve_checkpoint(save), tm.hf, opt2)
+    for n, p in tm.hf.named_parameters():
+        assert torch.equal(p.full_tensor(), full[n]), n
+    saved = {id(p): opt.state[p] for g in opt.param_groups for p in g["params"]}
+    pairs = zip([p for g in opt.param_groups for p in g["params"]], [p for g in opt2.param_groups for p in g["params"]])
+    for a, b in pairs:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt2.state[b][key].full_tensor(), saved[id(a)][key].full_tensor()), key
+        assert float(opt2.state[b]["step"]) == float(saved[id(a)]["step"]) == STEPS
+
+
 def _check_block_edge_cases(dims) -> int:
     """One EP-sharded MoE block (no FSDP) against HF eager on the full weights, for routings that
     leave a rank without work: every token routed to rank 0's experts (rank 1 computes no rows),
@@ -343,13 +370,14 @@ def _worker(suite: str, out: Path) -> None:
         t_ep = time.perf_counter() - t0
         if d.rank == 0:
             losses, norms, want = reference_steps(fam, ref, mbs, STEPS)
-            worst = 0.0
-            n = 0
+            worst, worst_name, n = 0.0, "", 0
             for pname, w in want.items():
                 g = grads.get(pname)
                 assert g is not None, pname
                 assert_close_scaled(g, w, rel=1e-5, scale=1e-5, msg=f"case {ci} {pname}")
-                worst = max(worst, float((g.double() - w).abs().max()) / max(float(w.abs().max()), 1e-30))
+                rel = float((g.double() - w).abs().max()) / max(float(w.abs().max()), 1e-30)
+                if rel > worst:
+                    worst, worst_name = rel, pname
                 n += 1
             assert not (set(grads) - set(want)) or all(float(grads[k].abs().max()) == 0
                                                       for k in set(grads) - set(want))
@@ -363,7 +391,7 @@ def _worker(suite: str, out: Path) -> None:
                 assert abs(a - b) <= 1e-4 * abs(b), (ci, got_n, norms)
             assert norms[0] > CLIP  # clipping was active
             dl = max(abs(a - b) / abs(b) for a, b in zip(got_l, losses))
-            print(f"CHECKED {suite} {name} fused={fused} image={bool(image_in)} recompute={recompute} grads={n} max_grad_diff/max={worst:.2e} "
+            print(f"CHECKED {suite} {name} fused={fused} image={bool(image_in)} recompute={recompute} grads={n} max_grad_diff/max={worst:.2e} ({worst_name}) "
                   f"loss_rel={dl:.2e} losses={[round(x, 6) for x in got_l]} norms={[round(x, 4) for x in got_n]} "
                   f"ep_s={t_ep:.1f} total_s={time.perf_counter() - t0:.1f}", flush=True)
         if ci == len(cases) - 1:
@@ -371,6 +399,7 @@ def _worker(suite: str, out: Path) -> None:
             full = {n: p.full_tensor() for n, p in tm.hf.named_parameters()}
             if d.rank == 0:
                 torch.save(full, out / "full.pt")
+            _check_resume_at_ep(fam, fused, dims, out / "save", full, opt)
         dist.barrier()
     shutdown()
 

@@ -131,15 +131,22 @@ def uses_fused(module: nn.Module) -> bool:
     return impl in (moe.IMPL_NAME, "grouped_mm")
 
 
+def check_ep_layout(module: nn.Module, ep: int) -> None:
+    if not moe._layout_supported(module):
+        raise ValueError(f"{type(module).__name__}: expert parallelism needs concatenated gate_up_proj "
+                         f"[E, 2I, H] + down_proj [E, H, I] without bias")
+    if module.num_experts % ep:
+        raise ValueError(f"expert parallelism {ep}: the {module.num_experts} experts per layer are not divisible "
+                         f"by it")
+
+
 def set_ep(modules: list[nn.Module], group, ep: int) -> None:
     """Switch ``modules`` (experts whose weights are already split over ``group``) to the EP
     forward, keeping each one's fused/eager choice for its local experts."""
     register()
     fused = [uses_fused(m) for m in modules]   # read all first: modules share their config
     for m, f in zip(modules, fused):
-        if not moe._layout_supported(m):
-            raise ValueError(f"{type(m).__name__}: expert parallelism needs concatenated gate_up_proj "
-                             f"[E, 2I, H] + down_proj [E, H, I] without bias")
+        check_ep_layout(m, ep)
         m._omnitune_ep = EPContext(group=group, ep=ep, num_local=m.num_experts // ep, fused=f,
                                    rank=dist.get_rank(group))
         m.config._experts_implementation_internal = EP_IMPL_NAME

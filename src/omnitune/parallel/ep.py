@@ -30,7 +30,7 @@ def apply_ep(train_model: nn.Module, family, dims) -> list[nn.Module]:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from omnitune.ops.moe import experts_modules
-    from omnitune.ops.moe_ep import set_ep
+    from omnitune.ops.moe_ep import check_ep_layout, set_ep
 
     if dims.ep <= 1:
         return []
@@ -38,10 +38,12 @@ def apply_ep(train_model: nn.Module, family, dims) -> list[nn.Module]:
     modules = experts_modules(hf)
     if not modules:
         raise ValueError(f"expert parallelism: {getattr(family, 'name', type(hf).__name__)} has no MoE experts")
+    for m in modules:  # every check before any weight is split
+        if getattr(m, "_omnitune_ep", None) is not None:
+            raise ValueError("apply_ep: the experts are already split")
+        check_ep_layout(m, dims.ep)
     mesh = dims.ep_mesh["ep"]
     for m in modules:
-        if m.num_experts % dims.ep:
-            raise ValueError(f"expert parallelism {dims.ep}: {m.num_experts} experts per layer are not divisible")
         for name in EXPERT_PARAMS:
             p = getattr(m, name)
             dt = distribute_tensor(p.detach(), mesh, [Shard(0)], src_data_rank=None)
