@@ -140,12 +140,13 @@ def _checked(out: str) -> list[str]:
 @pytest.mark.slow
 def test_cp2_matches_one_process(family_batch, tmp_path):
     """CP 2 on 2 processes: Qwen2-VL (image + video, sdpa), Qwen3-VL-MoE (DeepStack image / image +
-    video, eager, 1 kv head), Qwen3-Omni-MoE (audio + image, DeepStack, sdpa)."""
+    video, eager, 1 kv head, layer recompute), Qwen3-Omni-MoE (audio + image, DeepStack, sdpa,
+    left-padded by its processor: the padding mask matters)."""
     cases = [
         dict(family="qwen2_vl", loss_type="default", attn="sdpa", kv_heads=None,
              mbs=[family_batch("qwen2_vl", n=2, modalities=("image", "video"), seed=0),
                   _train_all(_odd(family_batch("qwen2_vl", n=2, modalities=("image",), seed=1)))]),
-        dict(family="qwen3_vl_moe", loss_type="per_token_loss", attn="eager", kv_heads=1,
+        dict(family="qwen3_vl_moe", loss_type="per_token_loss", attn="eager", kv_heads=1, recompute=True,
              mbs=[_odd(family_batch("qwen3_vl_moe", n=2, modalities=("image",), seed=0)),
                   _train_all(family_batch("qwen3_vl_moe", n=1, modalities=("image", "video"), seed=1))]),
         dict(family="qwen3_omni_moe", loss_type="per_sample_loss", attn="sdpa", kv_heads=None,
@@ -214,6 +215,7 @@ def _case(d, dims, case: dict) -> None:
 
     from omnitune.config.model import ModelJson
     from omnitune.models.registry import get_family
+    from omnitune.ops.moe import experts_modules, set_experts_implementation
     from omnitune.parallel.cp import apply_cp
     from omnitune.parallel.fsdp import apply_fsdp
     from omnitune.train.model import TrainModel, load_hf_model
@@ -226,10 +228,17 @@ def _case(d, dims, case: dict) -> None:
     torch.manual_seed(0)
     hf = load_hf_model(fam, None, cfg, init_weights=False)
     assert all(torch.isfinite(p).all() for p in hf.parameters())
-    mcfg = ModelJson(model_id=fam.model_ids[0], loss_cfg={"loss_type": case["loss_type"]},
-                     text_decoder={"attn_implementation": case["attn"]})
-    tm = TrainModel(hf, fam, mcfg)
+    # the reference is copied before TrainModel: recompute patches layer.forward with closures over
+    # these layers (a deepcopy would still call them); experts: transformers' eager loop as ours
     ref = copy.deepcopy(hf).double()
+    set_experts_implementation(experts_modules(ref), fused=False)
+    dec = {"attn_implementation": case["attn"]}
+    if case.get("recompute"):   # the recompute in backward runs Ulysses again with the same context
+        dec.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    mcfg = ModelJson(model_id=fam.model_ids[0], loss_cfg={"loss_type": case["loss_type"]}, text_decoder=dec)
+    tm = TrainModel(hf, fam, mcfg)
+    if case.get("recompute"):
+        assert tm.settings_report["text_decoder"]["recompute"] == 2
     lm = fam.language_model(hf)
     seen = []
     lm.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
@@ -282,6 +291,7 @@ def _case(d, dims, case: dict) -> None:
         rel = max(abs(a - b) / abs(b) for a, b in zip(losses, want))
         assert rel <= 1e-4, (losses, want)
         print(f"CHECKED {case['family']} dp{dims.dp} cp{dims.cp} {case['loss_type']} {case['attn']} "
+              f"{'recompute ' if case.get('recompute') else ''}"
               f"lengths={[mb['input_ids'].shape[1] for mb in mbs]} grads={n} (+{len(zero)} ~0: {zero}) "
               f"max|dgrad|/max|grad|={worst:.2e} loss rel diff over {STEPS} steps={rel:.2e} "
               f"losses={[round(x, 6) for x in losses]}", flush=True)
