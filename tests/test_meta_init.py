@@ -232,11 +232,25 @@ def test_two_ranks_fsdp2_and_tp_meta_init_equals_normal_load(tiny_model_dir, fam
     cases.append(dict(family="qwen3_vl_moe", hf=str(q3), kind="mm", path=str(rel)))
     cases.append(dict(family="qwen2_vl", hf=str(q2), kind="resume", path=str(tmp_path / "save"),
                       batch=cases[0]["batch"]))
+    odd = _odd_folder(tmp_path / "odd")   # uneven FSDP2 shards
+    cases.append(dict(family="qwen2_vl", hf=str(odd), kind="hf", path=str(odd), label=" (uneven shards)"))
     t = time.time()
     r = _torchrun(2, {"mode": "fsdp", "cases": cases}, tmp_path)
     checked = [x for x in r.stdout.splitlines() if x.startswith("CHECKED")]
     print("\n".join(checked) + f"\n2-rank launch: {time.time() - t:.1f} s")
     assert len(checked) == len(cases) + 1, r.stdout   # + the resume through load_checkpoint
+
+
+def _odd_folder(out: Path) -> Path:
+    """Tiny Qwen2-VL with rows FSDP2 cannot split evenly over 2 ranks (vocab 1001, MLP 129)."""
+    fam = get_family("qwen2_vl")
+    cfg = fam.tiny_config()
+    t = cfg.text_config
+    t.vocab_size, t.intermediate_size = 1001, 129
+    t.bos_token_id = t.eos_token_id = t.pad_token_id = 0
+    torch.manual_seed(3)
+    fam.model_class()(cfg).save_pretrained(out)
+    return out
 
 
 def _bench_folder(root: Path) -> Path:
@@ -356,7 +370,7 @@ def _check_cases(d, dims, cases) -> None:
     for c in cases:
         fam = get_family(c["family"])
         tp = c.get("tp", False)
-        what = f"{c['family']} {c['kind']}{' tp' if tp else ''}"
+        what = f"{c['family']} {c['kind']}{' tp' if tp else ''}{c.get('label', '')}"
         torch.manual_seed(0)
         ref = _build(fam, c["hf"], False, dims, tp)
         batch = torch.load(c["batch"], weights_only=True) if c.get("batch") else None
