@@ -76,6 +76,62 @@ def set_rng_state(st: dict) -> None:
         torch.npu.set_rng_state(st["npu"])
 
 
+# ------------------------------------------------------------------ strided shards
+# TP's fused vision qkv is a DTensor with a _StridedShard placement (each rank holds a third of q, k
+# and v). DCP (torch 2.14) describes such a shard as one contiguous chunk and its plan check fails
+# ("overlapping chunks"). Those few tensors are saved whole (replicated: written once) and, on load,
+# read whole into a temporary and sliced into the rank's shard. Everything else keeps DCP's
+# shard-wise I/O.
+
+def _is_strided(v) -> bool:
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    return isinstance(v, DTensor) and any(isinstance(p, _StridedShard) for p in v.placements)
+
+
+def _walk(tree, fn):
+    """Apply ``fn(container, key, value)`` to every leaf of nested dicts/lists (in a fixed order:
+    the collective ``full_tensor`` calls line up across ranks)."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for k, v in list(items):
+        if isinstance(v, (dict, list)):
+            _walk(v, fn)
+        else:
+            fn(tree, k, v)
+
+
+def strided_to_full(state: dict) -> dict:
+    """Collective: every strided-sharded DTensor of ``state`` replaced by its full tensor."""
+    def fn(c, k, v):
+        if _is_strided(v):
+            c[k] = v.full_tensor()
+    _walk(state, fn)
+    return state
+
+
+def strided_placeholders(state: dict) -> list:
+    """Replace every strided-sharded DTensor by an empty full-size tensor for dcp.load; returns what
+    :func:`fill_strided` needs to slice the loaded values back into the DTensors."""
+    todo = []
+
+    def fn(c, k, v):
+        if _is_strided(v):
+            full = torch.empty(v.shape, dtype=v.dtype, device=v._local_tensor.device)
+            c[k] = full
+            todo.append((c, k, v, full))
+    _walk(state, fn)
+    return todo
+
+
+def fill_strided(todo: list) -> None:
+    from omnitune.checkpoint.sharded_load import gather, local_index
+
+    for c, k, v, full in todo:
+        idx, local = local_index(v)
+        local.copy_(gather(full, idx))
+        c[k] = v
+
+
 def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trainer_state: dict,
                     save_optim: bool = True, save_rng: bool = True, data_state: dict | None = None,
                     data_rank: int | None = None, layout: dict | None = None) -> Path:
@@ -95,7 +151,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trai
     state = {"model": get_model_state_dict(model)}
     if save_optim and optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=str(partial))
+    dcp.save(strided_to_full(state), checkpoint_id=str(partial))
     if save_rng:
         (partial / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
@@ -165,7 +221,9 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
                          f"resume with --no-load-optim")
     if want_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
+    todo = strided_placeholders(state)
     dcp.load(state, checkpoint_id=str(ckpt))
+    fill_strided(todo)
     set_model_state_dict(model, state["model"])
     if want_optim:
         set_optimizer_state_dict(model, optimizer, state["optim"])

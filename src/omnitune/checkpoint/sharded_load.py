@@ -607,11 +607,13 @@ def _load_training_dcp(path, hf: nn.Module, targets: dict[str, _Target]) -> None
     p = Path(path)
     ckpt = p if (p / ".metadata").is_file() else ckpt_io.resolve_checkpoint(p)
     sd = get_model_state_dict(hf)
+    todo = ckpt_io.strided_placeholders(sd)   # TP's fused qkv: read whole, sliced after
     try:
         dcp.load({"model": sd}, checkpoint_id=str(ckpt))
     except Exception as e:  # noqa: BLE001 - DCP wraps per-rank errors; name the folder
         raise ConfigError(f"--load {path}: the model weights cannot be read from {ckpt}: "
                           f"{str(e).strip().splitlines()[-1][:400]}") from e
+    ckpt_io.fill_strided(todo)
     set_model_state_dict(hf, sd)
     for name in sd:
         if name in targets:
