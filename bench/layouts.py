@@ -63,14 +63,19 @@ def main() -> None:
             for flags in layouts:
                 argv = ["--mm-data", str(data_json), "--mm-model", str(model_json), "--train-iters", "1",
                         "--micro-batch-size", "1", "--bf16", *flags]
-                name = " ".join(f.lstrip("-").split("-")[0].upper() + v for f, v in zip(flags[::2], flags[1::2])) or "FSDP only"
+                short = {"--tensor-model-parallel-size": "TP", "--context-parallel-size": "CP",
+                         "--expert-model-parallel-size": "EP"}
+                name = " x ".join(short[f] + v for f, v in zip(flags[::2], flags[1::2])) or "FSDP only"
                 try:
                     plan, _ = make_plan(argv, world_size=world)
                 except ConfigError as e:
-                    print(f"{model:<17} {world:>3} dev  {name:<12} refused: {str(e)[:110]}")
+                    print(f"{model:<17} {world:>3} dev  {name:<12} refused: {str(e)[:90]}")
                     continue
-                mem = next(x for x in plan.describe().splitlines() if x.startswith("memory"))
-                print(f"{model:<17} {world:>3} dev  {name:<12} DP {plan.dims.dp:<3} {mem.split(':', 1)[1].strip()}")
+                from omnitune.parallel.estimate import estimate_rank_bytes
+
+                e = estimate_rank_bytes(plan.family, plan.hf_config, plan.dims, set(), bf16=True)
+                print(f"{model:<17} {world:>3} dev  {name:<12} DP {plan.dims.dp:<3} state/rank "
+                      f"{e.bytes_total / 2**30:7.2f} GiB  largest unit gathered {e.bytes_transient / 2**30:5.2f} GiB")
 
 
 if __name__ == "__main__":
