@@ -90,8 +90,7 @@ def _is_strided(v) -> bool:
 
 
 def _walk(tree, fn):
-    """Apply ``fn(container, key, value)`` to every leaf of nested dicts/lists (in a fixed order:
-    the collective ``full_tensor`` calls line up across ranks)."""
+    """Apply ``fn(container, key, value)`` to every leaf of nested dicts/lists."""
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
     for k, v in list(items):
         if isinstance(v, (dict, list)):
@@ -100,18 +99,21 @@ def _walk(tree, fn):
             fn(tree, k, v)
 
 
-def strided_to_full(state: dict) -> dict:
-    """Collective: every strided-sharded DTensor of ``state`` replaced by its full tensor."""
-    def fn(c, k, v):
-        if _is_strided(v):
-            c[k] = v.full_tensor()
-    _walk(state, fn)
-    return state
+def strided_to_full(tree):
+    """Collective: a copy of ``tree`` (nested dicts/lists) with every strided-sharded DTensor
+    replaced by its full tensor. A copy: the optimizer state dict shares its per-parameter dicts
+    with the optimizer, which must keep its DTensors."""
+    if isinstance(tree, dict):
+        return {k: strided_to_full(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [strided_to_full(v) for v in tree]
+    return tree.full_tensor() if _is_strided(tree) else tree
 
 
 def strided_placeholders(state: dict) -> list:
     """Replace every strided-sharded DTensor by an empty full-size tensor for dcp.load; returns what
-    :func:`fill_strided` needs to slice the loaded values back into the DTensors."""
+    :func:`fill_strided` needs to slice the loaded values back into the DTensors (and to put the
+    DTensors back where they were: the containers may be the optimizer's own state dicts)."""
     todo = []
 
     def fn(c, k, v):
