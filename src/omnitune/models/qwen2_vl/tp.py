@@ -7,13 +7,10 @@ from __future__ import annotations
 from torch import nn
 
 
-def qwen2_text_plan(model: nn.Module, prefix: str = "model.language_model", lm_head: str = "lm_head") -> dict:
-    """Vocab-parallel embedding and lm_head; q/k/v and gate/up colwise, o/down rowwise; the
-    sequence-parallel entries (sp_*) only act with ``sequence_parallel``. Dense MLP layers only
-    (a MoE block, if any, keeps its experts replicated: see qwen3_vl.tp)."""
-    layers = f"{prefix}.layers.*"
+def decoder_attention_plan(layers: str) -> dict:
+    """The attention half of a Qwen decoder layer (``layers``: the layers' path pattern): q/k/v
+    colwise, o rowwise; the sequence-parallel entries (sp_*) only act with ``sequence_parallel``."""
     return {
-        f"{prefix}.embed_tokens": "embedding",
         layers: "sp_layer",
         f"{layers}.input_layernorm": "sp_norm",
         f"{layers}.post_attention_layernorm": "sp_norm",
@@ -22,12 +19,21 @@ def qwen2_text_plan(model: nn.Module, prefix: str = "model.language_model", lm_h
         f"{layers}.self_attn.k_proj": "colwise",
         f"{layers}.self_attn.v_proj": "colwise",
         f"{layers}.self_attn.o_proj": "rowwise_seq",
-        f"{layers}.mlp": "sp_gather",
-        f"{layers}.mlp.gate_proj": "colwise",
-        f"{layers}.mlp.up_proj": "colwise",
-        f"{layers}.mlp.down_proj": "rowwise_seq",
-        lm_head: "lm_head",
     }
+
+
+def dense_mlp_plan(mlp: str) -> dict:
+    """A dense SwiGLU MLP: gate/up colwise, down rowwise."""
+    return {mlp: "sp_gather", f"{mlp}.gate_proj": "colwise", f"{mlp}.up_proj": "colwise",
+            f"{mlp}.down_proj": "rowwise_seq"}
+
+
+def qwen2_text_plan(model: nn.Module, prefix: str = "model.language_model", lm_head: str = "lm_head") -> dict:
+    """Vocab-parallel embedding and lm_head; attention and dense MLP layers split column/row-wise
+    (a MoE block, if any, keeps its experts replicated: see qwen3_vl.tp)."""
+    layers = f"{prefix}.layers.*"
+    return {f"{prefix}.embed_tokens": "embedding", **decoder_attention_plan(layers),
+            **dense_mlp_plan(f"{layers}.mlp"), lm_head: "lm_head"}
 
 
 def vision_plan(model: nn.Module, prefix: str = "model.visual") -> dict:

@@ -7,20 +7,11 @@ from __future__ import annotations
 from torch import nn
 
 from omnitune.models.qwen2_5_omni.tp import audio_plan
-from omnitune.models.qwen3_vl.tp import qwen3_text_plan
+from omnitune.models.qwen3_vl.tp import qwen3_text_plan, vit_blocks_plan
 
 
 def vision_plan(model: nn.Module, prefix: str = "model.visual") -> dict:
-    blocks = f"{prefix}.blocks.*"
-    plan = {
-        f"{blocks}.attn": "heads:num_heads",
-        f"{blocks}.attn.qkv": "colwise_qkv",
-        f"{blocks}.attn.proj": "rowwise",
-        f"{blocks}.mlp.linear_fc1": "colwise",
-        f"{blocks}.mlp.linear_fc2": "rowwise",
-        f"{prefix}.merger.mlp.0": "colwise",
-        f"{prefix}.merger.mlp.2": "rowwise",
-    }
+    plan = {**vit_blocks_plan(prefix), f"{prefix}.merger.mlp.0": "colwise", f"{prefix}.merger.mlp.2": "rowwise"}
     if len(getattr(model.get_submodule(prefix), "merger_list", ())):
         plan.update({f"{prefix}.merger_list.*.mlp.0": "colwise", f"{prefix}.merger_list.*.mlp.2": "rowwise"})
     return plan

@@ -10,44 +10,39 @@ from __future__ import annotations
 
 from torch import nn
 
+from omnitune.models.qwen2_vl.tp import decoder_attention_plan, dense_mlp_plan
+
 
 def qwen3_text_plan(model: nn.Module, prefix: str = "model.language_model", lm_head: str = "lm_head") -> dict:
     layers = f"{prefix}.layers.*"
-    plan = {
-        f"{prefix}.embed_tokens": "embedding",
-        layers: "sp_layer",
-        f"{layers}.input_layernorm": "sp_norm",
-        f"{layers}.post_attention_layernorm": "sp_norm",
-        f"{layers}.self_attn": "sp_gather",
-        f"{layers}.self_attn.q_proj": "colwise",
-        f"{layers}.self_attn.k_proj": "colwise",
-        f"{layers}.self_attn.v_proj": "colwise",
-        f"{layers}.self_attn.q_norm": "head_norm",
-        f"{layers}.self_attn.k_norm": "head_norm",
-        f"{layers}.self_attn.o_proj": "rowwise_seq",
-    }
+    plan = {f"{prefix}.embed_tokens": "embedding", **decoder_attention_plan(layers),
+            f"{layers}.self_attn.q_norm": "head_norm", f"{layers}.self_attn.k_norm": "head_norm"}
     for i, layer in enumerate(model.get_submodule(f"{prefix}.layers")):
         mlp = f"{prefix}.layers.{i}.mlp"
         if hasattr(layer.mlp, "experts"):      # sparse MoE block: replicated over TP
             plan[mlp] = "sp_gather_scatter"
         else:
-            plan.update({mlp: "sp_gather", f"{mlp}.gate_proj": "colwise", f"{mlp}.up_proj": "colwise",
-                         f"{mlp}.down_proj": "rowwise_seq"})
+            plan.update(dense_mlp_plan(mlp))
     plan[lm_head] = "lm_head"
     return plan
 
 
-def vision_plan(model: nn.Module, prefix: str = "model.visual") -> dict:
+def vit_blocks_plan(prefix: str) -> dict:
+    """Qwen3-VL-style ViT blocks: fused qkv split per head, proj rowwise, MLP fc1/fc2."""
     blocks = f"{prefix}.blocks.*"
-    plan = {
+    return {
         f"{blocks}.attn": "heads:num_heads",
         f"{blocks}.attn.qkv": "colwise_qkv",
         f"{blocks}.attn.proj": "rowwise",
         f"{blocks}.mlp.linear_fc1": "colwise",
         f"{blocks}.mlp.linear_fc2": "rowwise",
-        f"{prefix}.merger.linear_fc1": "colwise",
-        f"{prefix}.merger.linear_fc2": "rowwise",
     }
+
+
+def vision_plan(model: nn.Module, prefix: str = "model.visual") -> dict:
+    plan = {**vit_blocks_plan(prefix),
+            f"{prefix}.merger.linear_fc1": "colwise",
+            f"{prefix}.merger.linear_fc2": "rowwise"}
     if len(getattr(model.get_submodule(prefix), "deepstack_merger_list", ())):
         plan.update({f"{prefix}.deepstack_merger_list.*.linear_fc1": "colwise",
                      f"{prefix}.deepstack_merger_list.*.linear_fc2": "rowwise"})
