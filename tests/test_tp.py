@@ -218,9 +218,9 @@ def test_clip_grad_norm_plain_matches_torch():
 
 
 # ----------------------------------------------------------------------------------- torchrun runs
-def _torchrun(nproc: int, cases: list[str], extra_env=None) -> str:
+def _torchrun(nproc: int, cases: list[str], tmp: Path) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO / 'src'}:{REPO / 'tests'}",
-               TP_CASES=",".join(cases), **(extra_env or {}))
+               TP_CASES=",".join(cases), TP_TMP=str(tmp))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -236,17 +236,17 @@ def _torchrun(nproc: int, cases: list[str], extra_env=None) -> str:
 
 TP2_CASES = ["qwen2_vl:default", "qwen3_vl_moe:default", "qwen2_5_omni:default", "qwen2_vl:chunk:sp",
              "qwen3_vl_moe:dynamic_chunk:sp"]
-DP2_TP2_CASES = ["qwen2_vl:default", "qwen3_vl_moe:chunk"]
+DP2_TP2_CASES = ["qwen2_vl:default:ckpt", "qwen3_vl_moe:chunk"]
 
 
 @pytest.mark.slow
-def test_tp2_matches_one_process():
-    _torchrun(2, TP2_CASES)
+def test_tp2_matches_one_process(tmp_path):
+    _torchrun(2, TP2_CASES, tmp_path)
 
 
 @pytest.mark.slow
-def test_dp2_tp2_matches_one_process():
-    _torchrun(4, DP2_TP2_CASES)
+def test_dp2_tp2_matches_one_process(tmp_path):
+    _torchrun(4, DP2_TP2_CASES, tmp_path)
 
 
 # ----------------------------------------------------------------------------------- torchrun worker
@@ -336,22 +336,34 @@ def _run_case(case: str, d, dims) -> None:
     for _ in range(STEPS - 1):
         stats.append(t.train_step(mine))
 
-    ref_opt = build_optimizer(ref, LR, 0.1, (0.9, 0.95), 1e-8, allow_empty=False)
-    want, ref_grads, ref_norms = [], None, []
-    for _ in range(STEPS):
-        loss = reference_losses(fam, ref, mbs)   # every DP rank's micro-batches
-        loss.backward()
-        ref_norms.append(float(torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.grad is not None],
-                                                              CLIP)))
-        if ref_grads is None:   # clipped, as the optimizer sees them
-            ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
-        ref_opt.step()
-        ref_opt.zero_grad(set_to_none=True)
-        want.append(loss.item())
-
     if tied:   # still one Parameter after FSDP2 and AdamW steps
         assert hf.lm_head.weight is emb.weight
-    if d.rank == 0:
+    if "ckpt" in flags:   # the TP x FSDP2 layout saves through the trainer's DCP checkpoint as HF tensors
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        from omnitune.checkpoint.dcp import save_checkpoint
+
+        final = {n: p.full_tensor().detach() for n, p in tm.hf.named_parameters()}
+        path = save_checkpoint(Path(os.environ["TP_TMP"]) / name, STEPS, tm.hf, opt, {})
+        if d.rank == 0:
+            dcp_to_torch_save(path, path / "full.pt")
+            saved = torch.load(path / "full.pt", weights_only=False)["model"]
+            for pname, v in final.items():
+                assert torch.equal(saved[pname], v), f"{case}: checkpoint of {pname} differs"
+            assert len(saved) >= len(final)
+    if d.rank == 0:   # the reference only where it is checked (the other ranks leave the CPU to it)
+        ref_opt = build_optimizer(ref, LR, 0.1, (0.9, 0.95), 1e-8, allow_empty=False)
+        want, ref_grads, ref_norms = [], None, []
+        for _ in range(STEPS):
+            loss = reference_losses(fam, ref, mbs)   # every DP rank's micro-batches
+            loss.backward()
+            ref_norms.append(float(torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.grad is not None],
+                                                                  CLIP)))
+            if ref_grads is None:   # clipped, as the optimizer sees them
+                ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+            ref_opt.step()
+            ref_opt.zero_grad(set_to_none=True)
+            want.append(loss.item())
         got = [s["loss"] for s in stats]
         assert abs(got[0] - want[0]) <= 1e-5 * abs(want[0]), (case, got, want)
         for i, (a, b) in enumerate(zip(got, want)):
