@@ -169,6 +169,8 @@ class SeqParallelLayer(ParallelStyle):
             h = _first(outputs)
             if isinstance(h, DTensor):
                 h = h.redistribute(device_mesh, [Replicate()]).to_local()
+                if h._is_view():   # HF code may write into the layer output in place (Qwen3-VL DeepStack),
+                    h = h.clone()  # which on a view would drop FSDP2's pre-backward hook
             return _replace_first(outputs, h)
 
         module.register_forward_pre_hook(pre, with_kwargs=True)
