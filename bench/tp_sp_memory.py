@@ -129,7 +129,8 @@ def _worker(args) -> None:
         t = fam.text_config(hf.config)
         print(f"{args.family} size {args.size}: {t.num_hidden_layers} layers, hidden {t.hidden_size}, seq "
               f"{batch['input_ids'].shape[1]}, TP {d.world_size}; saved activation bytes per rank")
-        print(f"{'sequence_parallel':>18} {'decoder layers':>15} {'other':>12} {'total':>12} {'step s':>8} {'loss':>10}")
+        print(f"{'sequence_parallel':>18} {'decoder layers':>15} {'other':>12} {'total':>12} {'step s':>8} "
+              f"{'loss':>10}")
         for sp, lay, oth, dt, lo in rows:
             print(f"{str(sp):>18} {lay / 2**20:12.2f} MiB {oth / 2**20:8.2f} MiB {(lay + oth) / 2**20:8.2f} MiB "
                   f"{dt:8.3f} {lo:10.6f}")

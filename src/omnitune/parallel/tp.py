@@ -39,7 +39,6 @@ Parameter: both styles shard it Shard(0); the second copy is dropped and the fir
 from __future__ import annotations
 
 import re
-from functools import partial
 
 import torch
 from torch import nn
@@ -78,12 +77,13 @@ class FusedColwiseParallel(ColwiseParallel):
 
 
 class VocabParallelEmbedding(ParallelStyle):
-    """nn.Embedding with its rows (vocabulary) sharded over TP; output replicated, plain tensor."""
+    """nn.Embedding with its rows (vocabulary) sharded over TP; output replicated, plain tensor
+    (the module becomes an :class:`omnitune.ops.vocab_parallel.VocabParallelEmbedding`)."""
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
-        from omnitune.ops.vocab_parallel import vocab_parallel_embedding
+        from omnitune.ops.vocab_parallel import VocabParallelEmbedding as Module
 
-        if not isinstance(module, nn.Embedding):
+        if type(module) is not nn.Embedding:
             raise NotImplementedError(f"embedding style needs an nn.Embedding, got {type(module).__name__}")
         if module.max_norm is not None or module.sparse:
             raise NotImplementedError("vocab-parallel embedding: max_norm / sparse are not supported")
@@ -91,8 +91,7 @@ class VocabParallelEmbedding(ParallelStyle):
         module.register_parameter("weight", nn.Parameter(
             distribute_tensor(w, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank),
             requires_grad=w.requires_grad))
-        # instance forward (kept by FSDP2's class swap): looks up the current (unsharded) weight
-        module.forward = lambda ids: vocab_parallel_embedding(ids, module.weight, module.padding_idx)
+        module.__class__ = Module
         return module
 
 
