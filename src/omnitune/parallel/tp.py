@@ -12,7 +12,8 @@ Styles (the plan's values; a tuple applies several to one module):
   the output is reduce-scattered onto the sequence (a Shard(1) DTensor).
 - ``colwise_qkv``: a fused [q; k; v] Linear (vision towers): rank r must compute q, k and v of its
   own heads (a plain colwise would give rank 0 all of q). The weight is stored Shard(0) unpermuted
-  and the output is exchanged to the per-head ``_StridedShard(-1, split_factor=3)`` layout.
+  and the output is exchanged to the per-head ``_StridedShard(-1, split_factor=3)`` layout (DTensor
+  does that as an all-gather of the [S, 3H] output and a local slice).
 - ``embedding``: vocabulary-parallel ``nn.Embedding`` (rows sharded; :mod:`omnitune.ops.vocab_parallel`).
 - ``lm_head``: weight sharded on the vocabulary (Shard(0)); the loss reads the weight and keeps the
   logits sharded (``train.loss.token_losses`` -> vocab-parallel cross-entropy). Calling the module
@@ -29,12 +30,19 @@ Styles (the plan's values; a tuple applies several to one module):
   (``sp_gather``; ``sp_gather_scatter`` also slices the output again, for MoE blocks whose experts
   stay replicated), and the layer output is gathered back, so everything outside the decoder
   layers (embedding merge of image/audio features, DeepStack, final norm, loss) sees full sequences.
+  What it saves is the norms' activations only (the colwise inputs are saved gathered):
+  bench/tp_sp_memory.py measured 0.88x the decoder layers' saved bytes (Qwen2-VL bench size, TP2),
+  for an all-gather + reduce-scatter in place of each all-reduce. Off by default.
 
 Parameters the plan does not touch stay plain and replicated: every TP rank computes the same
 values and gets the same gradients for them (norms, patch embed, MoE experts and router, ...).
 
 Tied embeddings (Qwen2-VL tiny / small checkpoints: lm_head.weight is embed_tokens.weight) stay one
 Parameter: both styles shard it Shard(0); the second copy is dropped and the first re-registered.
+
+After TP + FSDP2 the parameters are DTensors on different meshes ((dp_cp, tp) for the sharded ones,
+dp_cp for the rest), so gradient clipping must be :func:`omnitune.parallel.grad.clip_grad_norm_`
+(``torch.nn.utils.clip_grad_norm_`` fails: "aten.stack ... must have the same mesh").
 """
 from __future__ import annotations
 
