@@ -9,7 +9,10 @@ built with the same seed in every process; a float64 copy is the reference, comp
 plain HF hidden states + lm_head (no omnitune loss code). The TP model goes through TrainModel ->
 apply_tp -> apply_fsdp -> AdamW and the real ``Trainer.train_step``; the first step's loss and full
 gradients (DTensor.full_tensor()) and then the losses of a few AdamW steps (with gradient clipping
-active, parallel.grad.clip_grad_norm_) are compared with the reference.
+active, parallel.grad.clip_grad_norm_) are compared with the reference. Cases cover every family
+(image in every batch, audio for the Omni thinkers), the chunk modes, sequence parallel, recompute,
+a tied embedding still one Parameter after the steps, and (DP2 x TP2) a DCP checkpoint whose tensors
+equal the parameters' full tensors. ``TP_DEBUG=1`` prints per-parameter errors instead of asserting.
 """
 from __future__ import annotations
 
@@ -216,7 +219,7 @@ def test_vocab_parallel_ce_and_embedding_one_rank(one_rank_mesh, chunk):
     twin = copy.deepcopy(emb)
     with torch.no_grad():
         twin.weight.zero_()
-    assert float(twin(ids).abs().max()) == 0.0 and float(emb(ids).abs().max()) > 0
+        assert float(twin(ids).abs().max()) == 0.0 and float(emb(ids).abs().max()) > 0
 
 
 def test_clip_grad_norm_plain_matches_torch():
