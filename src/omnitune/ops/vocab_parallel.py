@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
+from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from omnitune.ops.chunked_ce import _autocast_state
@@ -71,6 +72,17 @@ def vocab_parallel_embedding(ids: torch.Tensor, weight: DTensor, padding_idx: in
     out = F.embedding(local_ids, w, pad)
     out = out.masked_fill(outside.unsqueeze(-1), 0.0)
     return _SumOverTP.apply(out, weight.device_mesh.get_group())
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """What parallel/tp.py's ``embedding`` style turns an ``nn.Embedding`` into (class swap; the
+    weight becomes a vocab-sharded DTensor): same parameters and state dict, forward through
+    :func:`vocab_parallel_embedding` (reads the current weight, e.g. FSDP2's unsharded TP view)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.max_norm is not None or self.sparse:
+            raise NotImplementedError("vocab-parallel embedding: max_norm / sparse are not supported")
+        return vocab_parallel_embedding(ids, self.weight, self.padding_idx)
 
 
 class VocabParallelLinearCrossEntropy(torch.autograd.Function):

@@ -10,9 +10,10 @@ Styles (the plan's values; a tuple applies several to one module):
   dim, a rowwise output is all-reduced and replicated).
 - ``rowwise_seq``: the decoder's o_proj / down_proj; ``rowwise`` without sequence parallel, with it
   the output is reduce-scattered onto the sequence (a Shard(1) DTensor).
-- ``colwise_qkv``: a fused [q; k; v] Linear (vision towers): each third of the rows is sharded by
-  heads, so rank r holds q, k and v rows of its own heads (``_StridedShard(0, split_factor=3)``; the
-  global DTensor is the HF weight unpermuted). A plain colwise would give rank 0 all of q.
+- ``colwise_qkv``: a fused [q; k; v] Linear (vision towers): rank r must compute q, k and v of its
+  own heads (a plain colwise would give rank 0 all of q). The weight is stored Shard(0) unpermuted
+  and the output is exchanged to the per-head ``_StridedShard(-1, split_factor=3)`` layout (DTensor
+  does that as an all-gather of the [S, 3H] output and a local slice).
 - ``embedding``: vocabulary-parallel ``nn.Embedding`` (rows sharded; :mod:`omnitune.ops.vocab_parallel`).
 - ``lm_head``: weight sharded on the vocabulary (Shard(0)); the loss reads the weight and keeps the
   logits sharded (``train.loss.token_losses`` -> vocab-parallel cross-entropy). Calling the module
@@ -29,17 +30,23 @@ Styles (the plan's values; a tuple applies several to one module):
   (``sp_gather``; ``sp_gather_scatter`` also slices the output again, for MoE blocks whose experts
   stay replicated), and the layer output is gathered back, so everything outside the decoder
   layers (embedding merge of image/audio features, DeepStack, final norm, loss) sees full sequences.
+  What it saves is the norms' activations only (the colwise inputs are saved gathered):
+  bench/tp_sp_memory.py measured 0.88x the decoder layers' saved bytes (Qwen2-VL bench size, TP2),
+  for an all-gather + reduce-scatter in place of each all-reduce. Off by default.
 
 Parameters the plan does not touch stay plain and replicated: every TP rank computes the same
 values and gets the same gradients for them (norms, patch embed, MoE experts and router, ...).
 
 Tied embeddings (Qwen2-VL tiny / small checkpoints: lm_head.weight is embed_tokens.weight) stay one
 Parameter: both styles shard it Shard(0); the second copy is dropped and the first re-registered.
+
+After TP + FSDP2 the parameters are DTensors on different meshes ((dp_cp, tp) for the sharded ones,
+dp_cp for the rest), so gradient clipping must be :func:`omnitune.parallel.grad.clip_grad_norm_`
+(``torch.nn.utils.clip_grad_norm_`` fails: "aten.stack ... must have the same mesh").
 """
 from __future__ import annotations
 
 import re
-from functools import partial
 
 import torch
 from torch import nn
@@ -51,38 +58,40 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 # ----------------------------------------------------------------------------------------- styles
 class FusedColwiseParallel(ColwiseParallel):
-    """Colwise for a Linear whose output rows are ``chunks`` equal blocks (e.g. [q; k; v]) each to be
-    split over TP: weight / bias placed ``_StridedShard(0, split_factor=chunks)`` so rank r's local
-    rows are [q_r; k_r; v_r]. The output is the local [..., chunks * out / chunks / tp] tensor in the
-    same block order, which the HF ``reshape(S, 3, heads, -1)`` splits correctly with local heads."""
+    """Colwise for a Linear whose output features are ``chunks`` equal blocks (e.g. [q; k; v]), each
+    to be split over TP. The weight / bias are plain Shard(0) (contiguous rows: the layout DCP
+    checkpoints and FSDP2 compose with); the output, sharded on its last dim in that contiguous
+    order, is redistributed to ``_StridedShard(-1, split_factor=chunks)`` so that rank r holds
+    [q_r, k_r, v_r] of its own heads, which the HF ``reshape(S, 3, local heads, -1)`` splits right.
+    (Storing the weight itself strided would save that exchange but DCP cannot save such shards:
+    "overlapping chunks".)"""
 
     def __init__(self, chunks: int = 3):
         super().__init__(use_local_output=True)
         self.chunks = chunks
 
-    def _partition_linear_fn(self, name, module, device_mesh):
-        for pname, param in module.named_parameters(recurse=False):
-            if param.shape[0] % (self.chunks * device_mesh.size()):
-                raise ValueError(f"{name}.{pname}: {param.shape[0]} rows are not {self.chunks} blocks divisible "
-                                 f"by TP {device_mesh.size()}")
-            dist_param = nn.Parameter(
-                distribute_tensor(param, device_mesh, [_StridedShard(0, split_factor=self.chunks)],
-                                  src_data_rank=self.src_data_rank),
-                requires_grad=param.requires_grad)
-            module.register_parameter(pname, dist_param)
+    def _apply(self, module, device_mesh):
+        if not isinstance(module, nn.Linear) or module.out_features % (self.chunks * device_mesh.size()):
+            raise ValueError(f"colwise_qkv: {module} is not a Linear whose {self.chunks} output blocks divide "
+                             f"by TP {device_mesh.size()}")
+        self.output_layouts = (_StridedShard(-1, split_factor=self.chunks),)
+        return super()._apply(module, device_mesh)
 
     @staticmethod
     def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
-        return outputs.to_local()   # strided local blocks, exactly what the module's consumer expects
+        sf = output_layouts[0].split_factor
+        outputs = outputs.redistribute(placements=[_StridedShard(outputs.ndim - 1, split_factor=sf)])
+        return outputs.to_local()
 
 
 class VocabParallelEmbedding(ParallelStyle):
-    """nn.Embedding with its rows (vocabulary) sharded over TP; output replicated, plain tensor."""
+    """nn.Embedding with its rows (vocabulary) sharded over TP; output replicated, plain tensor
+    (the module becomes an :class:`omnitune.ops.vocab_parallel.VocabParallelEmbedding`)."""
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
-        from omnitune.ops.vocab_parallel import vocab_parallel_embedding
+        from omnitune.ops.vocab_parallel import VocabParallelEmbedding as Module
 
-        if not isinstance(module, nn.Embedding):
+        if type(module) is not nn.Embedding:
             raise NotImplementedError(f"embedding style needs an nn.Embedding, got {type(module).__name__}")
         if module.max_norm is not None or module.sparse:
             raise NotImplementedError("vocab-parallel embedding: max_norm / sparse are not supported")
@@ -90,8 +99,7 @@ class VocabParallelEmbedding(ParallelStyle):
         module.register_parameter("weight", nn.Parameter(
             distribute_tensor(w, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank),
             requires_grad=w.requires_grad))
-        # instance forward (kept by FSDP2's class swap): looks up the current (unsharded) weight
-        module.forward = lambda ids: vocab_parallel_embedding(ids, module.weight, module.padding_idx)
+        module.__class__ = Module
         return module
 
 
@@ -168,6 +176,8 @@ class SeqParallelLayer(ParallelStyle):
             h = _first(outputs)
             if isinstance(h, DTensor):
                 h = h.redistribute(device_mesh, [Replicate()]).to_local()
+                if h._is_view():   # HF code may write into the layer output in place (Qwen3-VL DeepStack),
+                    h = h.clone()  # which on a view would drop FSDP2's pre-backward hook
             return _replace_first(outputs, h)
 
         module.register_forward_pre_hook(pre, with_kwargs=True)

@@ -15,6 +15,10 @@ Compute modes (``loss_cfg.compute_mode``): ``default`` builds the logits of all 
 once; ``chunk`` / ``dynamic_chunk`` go through :mod:`omnitune.ops.chunked_ce` so only one chunk of
 logits is alive (``chunk``: chunks of ``chunk_size`` trained positions; ``dynamic_chunk``: the trained
 positions of the micro-batch split into ``ceil(N / chunk_size)`` equal chunks, none above chunk_size).
+
+Tensor parallel (parallel/tp.py): the lm_head weight is a DTensor sharded on the vocabulary; the
+logits then stay sharded and :mod:`omnitune.ops.vocab_parallel` computes the cross-entropy (every
+compute mode; chunk modes keep one chunk of local logits alive).
 """
 from __future__ import annotations
 
