@@ -20,11 +20,12 @@ leaves the previous checkpoint and the ``latest`` pointer untouched.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
-import warnings
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from omnitune.checkpoint import safe_dcp
+from omnitune.checkpoint.safe_dcp import CheckpointError
 from omnitune.fsutil import write_text_atomic
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -43,11 +46,6 @@ STATE = "trainer_state.json"
 
 def iter_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rank() -> int:
@@ -166,24 +164,37 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trai
     save = Path(save_dir)
     final = save / iter_dir_name(iteration)
     partial = save / (iter_dir_name(iteration) + ".partial")
-    if _rank() == 0:
+    before = _latest_or_none(save)
+    fail = _SaveFailure(save, final, partial, before)
+
+    def prepare():
         save.mkdir(parents=True, exist_ok=True)
         if partial.exists():
             shutil.rmtree(partial)
-    _barrier()
+    fail.agree(_attempt(prepare) if _rank() == 0 else None)
     state = {"model": get_model_state_dict(model)}
     if save_optim and optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(strided_to_full(state), checkpoint_id=str(partial))
-    if save_rng:
-        (partial / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
-    if data_state is not None:
-        (partial / "data").mkdir(exist_ok=True)
-        r = _rank() if data_rank is None else data_rank
-        write_text_atomic(partial / "data" / f"rank_{r:05d}.json", json.dumps(data_state))
-    _barrier()
-    if _rank() == 0:
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        dcp.save(strided_to_full(state), checkpoint_id=str(partial))
+    except CheckpointException as e:  # collective: every rank gets it
+        cause = safe_dcp.root_cause(e)
+        if isinstance(cause, OSError):
+            raise fail.error(cause) from None
+        raise
+
+    def own_files():
+        if save_rng:
+            (partial / "rng").mkdir(exist_ok=True)
+            torch.save(rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
+        if data_state is not None:
+            (partial / "data").mkdir(exist_ok=True)
+            r = _rank() if data_rank is None else data_rank
+            write_text_atomic(partial / "data" / f"rank_{r:05d}.json", json.dumps(data_state))
+    fail.agree(_attempt(own_files))
+
+    def publish():
         meta = dict(trainer_state, iteration=iteration, has_optim=bool(save_optim and optimizer is not None),
                     has_rng=save_rng, has_data_state=(partial / "data").is_dir(),
                     world_size=dist.get_world_size() if dist.is_initialized() else 1)
@@ -194,18 +205,108 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trai
             shutil.rmtree(final)
         os.replace(partial, final)
         write_text_atomic(save / LATEST, str(iteration))
-    _barrier()
+    fail.agree(_attempt(publish) if _rank() == 0 else None)
     return final
+
+
+def _attempt(fn) -> OSError | None:
+    """Run ``fn``; the OSError it raised (disk full, read-only, ...) or None. Other errors pass."""
+    try:
+        fn()
+    except OSError as e:
+        return e
+    return None
+
+
+def _latest_or_none(save: Path) -> str | None:
+    try:
+        text = read_latest(save) if (save / LATEST).is_file() else None
+    except CheckpointError:
+        return None
+    return None if text is None else ("release" if text == "release" else iter_dir_name(int(text)))
+
+
+class _SaveFailure:
+    """A failed write during a save, said the way a user can act on it: what is left on disk and
+    what ``latest`` still points at (the save is write-then-rename, so nothing earlier is lost)."""
+
+    def __init__(self, save: Path, final: Path, partial: Path, before: str | None):
+        self.save, self.final, self.partial, self.before = save, final, partial, before
+
+    def error(self, e: OSError) -> CheckpointError:
+        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        what = "disk full" if full else f"cannot write ({e.strerror or e})"
+        if self.partial.exists():
+            left = f"{self.partial.name} left"
+        elif self.final.exists():
+            left = f"{self.final.name} written but not made the latest"
+        else:
+            left = "nothing of it written"
+        now = _latest_or_none(self.save)
+        if now is not None:
+            keep = f"{LATEST} still names {now}"
+            fix = f"resume with --load {self.save}"
+        else:
+            keep = "no earlier checkpoint"
+            fix = "run again"
+        todo = "free space" if full else f"make {self.save} writable"
+        return CheckpointError(f"--save {self.save}: {what} while saving {self.final.name}: {left}, {keep}; "
+                               f"{todo} and {fix}")
+
+    def agree(self, err: OSError | None) -> None:
+        """Collective (replaces a barrier): every rank raises when any rank's step failed, so no
+        rank waits forever for one that gave up."""
+        msg = str(self.error(err)) if err is not None else None
+        if dist.is_initialized():
+            msgs = [None] * dist.get_world_size()
+            dist.all_gather_object(msgs, msg)
+            msg = next((m for m in msgs if m), None)
+        if msg:
+            raise CheckpointError(msg)
+
+
+def check_save_dir(path: str | Path, flag: str = "--save") -> None:
+    """Before any work: ``path`` (made if missing) can hold files. Probed by creating and removing a
+    file in it, or in its nearest existing parent (a read-only mount refuses root too, which
+    ``os.access`` does not see)."""
+    p = Path(path)
+    probe_dir = p
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise CheckpointError(f"{flag} {path}: {probe_dir} is not a folder; give a folder path for the checkpoints")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".omnitune-write-test-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise CheckpointError(f"{flag} {path}: {probe_dir} is not writable ({e.strerror or e}); give a folder on "
+                              f"a writable file system, or fix its permissions") from None
 
 
 def is_training_checkpoint_root(path: str | Path) -> bool:
     return (Path(path) / LATEST).is_file()
 
 
+def read_latest(root: str | Path) -> str:
+    """``latest_checkpointed_iteration.txt``: an iteration number or ``release`` (CheckpointError
+    naming the file otherwise: it is edited by hand)."""
+    f = Path(root) / LATEST
+    try:
+        text = f.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: cannot be read ({getattr(e, 'strerror', None) or e}); write the number of "
+                              f"an existing iter_* folder into it (e.g. 5 for iter_0000005)") from None
+    if text != "release" and not (text.isascii() and text.isdigit()):
+        raise CheckpointError(f"{f}: holds {text[:40]!r}, not an iteration number; write the number of an "
+                              f"existing iter_* folder into it (e.g. 5 for iter_0000005) or 'release'")
+    return text
+
+
 def resolve_checkpoint(load_dir: str | Path) -> Path:
     """The iteration folder named by ``latest_checkpointed_iteration.txt`` (editable by hand)."""
     root = Path(load_dir)
-    text = (root / LATEST).read_text().strip()
+    text = read_latest(root)
     name = "release" if text == "release" else iter_dir_name(int(text))
     ckpt = root / name
     if not (ckpt / ".metadata").is_file():
@@ -215,8 +316,29 @@ def resolve_checkpoint(load_dir: str | Path) -> Path:
 
 
 def read_trainer_state(ckpt: Path) -> dict:
-    p = ckpt / STATE
-    return json.loads(p.read_text()) if p.is_file() else {"iteration": 0}
+    """trainer_state.json of an iteration folder ({"iteration": 0} when there is none, as in a
+    ``release`` folder); CheckpointError naming the file when it is not a JSON object."""
+    p = Path(ckpt) / STATE
+    if not p.is_file():
+        return {"iteration": 0}
+    try:
+        state = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e}); the checkpoint is damaged: copy it again, or point "
+                              f"{Path(ckpt).parent / LATEST} at another iteration") from None
+    if not isinstance(state, dict) or not isinstance(state.get("iteration", 0), int):
+        raise CheckpointError(f"{p}: not an omnitune trainer state (a JSON object with an integer 'iteration'); "
+                              f"the checkpoint is damaged: copy it again, or point {Path(ckpt).parent / LATEST} "
+                              f"at another iteration")
+    return state
+
+
+def check_checkpoint(ckpt: str | Path) -> dict:
+    """Everything a resume or export reads before it reads it, file by file: ``.metadata`` (no
+    code, a DCP ``Metadata``), the data files it lists (present, not truncated) and
+    trainer_state.json. Returns the trainer state. Cheap: no tensor is read."""
+    safe_dcp.read_metadata(ckpt)
+    return read_trainer_state(Path(ckpt))
 
 
 def read_data_state(ckpt: str | Path, rank: int | None = None) -> dict | None:
@@ -245,7 +367,7 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
     if want_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     todo = strided_placeholders(state)
-    dcp.load(state, checkpoint_id=str(ckpt))
+    safe_dcp.load(state, ckpt)
     fill_strided(todo)
     set_model_state_dict(model, state["model"])
     if want_optim:
@@ -264,7 +386,5 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
 def load_model_weights_from_dcp(ckpt: str | Path, model) -> None:
     """Single-process load of the model part of a checkpoint into a plain (unsharded) model."""
     sd = get_model_state_dict(model, options=StateDictOptions())
-    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load({"model": sd}, checkpoint_id=str(ckpt))
+    safe_dcp.load({"model": sd}, ckpt, no_dist=True)
     set_model_state_dict(model, sd)

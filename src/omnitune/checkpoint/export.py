@@ -34,13 +34,14 @@ def export_hf(load: str | Path, save: str | Path, model_assets: str | Path | Non
     ckpt = ckpt_io.resolve_checkpoint(load) if ckpt_io.is_training_checkpoint_root(load) else load
     if not (ckpt / ".metadata").is_file():
         raise FileNotFoundError(f"--load {load}: not a training checkpoint (no {ckpt_io.LATEST} and no .metadata)")
-    state = ckpt_io.read_trainer_state(ckpt)
+    state = ckpt_io.check_checkpoint(ckpt)   # no code from .metadata, no truncated file: before any work
     assets = Path(model_assets or state.get("hf_dir", ""))
     if not (assets / "config.json").is_file():
         raise FileNotFoundError(f"--model-assets {assets}: needs the original HF folder (config.json, tokenizer, "
                                 f"processor files)")
     if save.exists() and any(save.iterdir()) and not overwrite:
         raise FileExistsError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
+    ckpt_io.check_save_dir(save.parent if not save.exists() else save)
     config = AutoConfig.from_pretrained(assets, trust_remote_code=False)
     family = family_for_hf_config(config)
     model = load_hf_model(family, None, config, init_weights=False)

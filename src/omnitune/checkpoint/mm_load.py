@@ -26,7 +26,7 @@ def is_mm_checkpoint(path: str | Path) -> bool:
     latest = root / L.LATEST_TXT
     if not latest.is_file():
         return False
-    text = latest.read_text().strip()
+    text = latest.read_text(errors="replace").strip()
     cands = [root / ("release" if text == "release" else f"iter_{int(text):07d}")] if text.isdigit() or \
         text == "release" else []
     cands += [root / "release", *sorted(root.glob("iter_*"))]
@@ -40,7 +40,7 @@ def is_dcp_release(path: str | Path) -> bool:
     latest = root / L.LATEST_TXT
     if not latest.is_file():
         return False
-    text = latest.read_text().strip()
+    text = latest.read_text(errors="replace").strip()
     if not (text == "release" or text.isdigit()):
         return False
     d = root / ("release" if text == "release" else f"iter_{int(text):07d}")

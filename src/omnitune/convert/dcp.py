@@ -78,7 +78,11 @@ def resolve_dcp_dir(path: Path, field_name: str) -> Path:
     if (path / ".metadata").is_file():
         return path
     if (path / L.LATEST_TXT).is_file():
-        it = (path / L.LATEST_TXT).read_text().strip()
+        it = (path / L.LATEST_TXT).read_text(errors="replace").strip()
+        if it != "release" and not (it.isascii() and it.isdigit()):
+            raise L.ConvertError(f"{field_name}={path}: {path / L.LATEST_TXT} holds {it[:40]!r}, not an iteration "
+                                 f"number; write the number of an existing iter_* folder into it, or give the "
+                                 f"iter_XXXXXXX / release folder itself")
         d = path / (it if it == "release" else f"iter_{int(it):07d}")
         if (d / ".metadata").is_file():
             return d

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                    MetadataIndex, TensorProperties, TensorStorageMetadata)
 
+from omnitune.checkpoint.safe_dcp import CheckpointError, read_metadata
 from omnitune.convert.stream import FileSink
 
 DATA_FILE = "__0_0.distcp"
@@ -83,7 +83,8 @@ class DcpIndex:
         self.folder = Path(folder)
         if not (self.folder / ".metadata").is_file():
             raise FileNotFoundError(f"{self.folder} is not a DCP checkpoint (no .metadata)")
-        self.md: Metadata = FileSystemReader(str(self.folder)).read_metadata()
+        # not FileSystemReader.read_metadata: it unpickles anything (a checkpoint must not run code)
+        self.md: Metadata = read_metadata(self.folder)
         self.chunks: dict[str, list[tuple[torch.Size, _StorageInfo]]] = {}
         for idx, info in self.md.storage_data.items():
             self.chunks.setdefault(idx.fqn, []).append((idx.offset, info))
@@ -99,10 +100,17 @@ class DcpIndex:
         if getattr(info, "transform_descriptors", None):
             raise ValueError(f"{self.folder}: entries written with storage transforms "
                              f"{info.transform_descriptors} are not supported")
-        with open(self.folder / info.relative_path, "rb") as f:
+        path = self.folder / info.relative_path
+        with open(path, "rb") as f:
             f.seek(info.offset)
             raw = f.read(info.length)
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged record, or a global weights_only refuses
+            first = next((x for x in str(e).splitlines() if x.strip()), type(e).__name__)[:300]
+            raise CheckpointError(f"{path}: the entry at byte {info.offset} cannot be read with "
+                                  f"torch.load(weights_only=True) ({first}); the checkpoint is damaged or "
+                                  f"not plain tensors: copy it again from a source you trust") from None
 
     def read(self, fqn: str) -> torch.Tensor:
         m = self.md.state_dict_metadata[fqn]

@@ -127,6 +127,8 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
         raise ConfigError(f"{args.mm_model}: {problems[0]}")
     resolve_loss_type(args, model_cfg, args.mm_model)  # contradicting loss-type settings fail here
 
+    if args.save:
+        ckpt_io.check_save_dir(args.save)  # read-only or not a folder: now, not at the first save
     load_kind, load_path = "none", args.load
     if args.load:
         lp = Path(args.load)
@@ -134,9 +136,12 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
             raise ConfigError(f"--load {args.load}: no such folder")
         if is_mm_checkpoint(lp) or is_dcp_release(lp):  # MindSpeed-MM layouts (mm-convert): weights only
             load_kind = "mm"
+            if is_dcp_release(lp):
+                ckpt_io.check_checkpoint(ckpt_io.resolve_checkpoint(lp))  # no code from .metadata
         elif ckpt_io.is_training_checkpoint_root(lp):
             load_kind = "resume"
-            meta = ckpt_io.read_trainer_state(ckpt_io.resolve_checkpoint(lp))  # fails early if `latest` points nowhere
+            # fails early if `latest` points nowhere, or a file is unsafe / damaged (no tensor read)
+            meta = ckpt_io.check_checkpoint(ckpt_io.resolve_checkpoint(lp))
             if not args.no_load_optim and not meta.get("has_optim", False):
                 raise ConfigError(f"--load {args.load}: the checkpoint holds no optimizer state (saved with "
                                   f"--no-save-optim); add --no-load-optim to resume with a fresh optimizer")
