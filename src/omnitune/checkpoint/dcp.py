@@ -293,8 +293,8 @@ def read_latest(root: str | Path) -> str:
     naming the file otherwise: it is edited by hand)."""
     f = Path(root) / LATEST
     try:
-        text = f.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
+        text = f.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as e:
         raise CheckpointError(f"{f}: cannot be read ({getattr(e, 'strerror', None) or e}); write the number of "
                               f"an existing iter_* folder into it (e.g. 5 for iter_0000005)") from None
     if text != "release" and not (text.isascii() and text.isdigit()):
