@@ -315,6 +315,8 @@ def test_read_only_save_is_refused_before_training(run, tmp_path, capsys):
             msg = _one_line_error(capsys)
             assert msg.startswith(f"omnitune: error: --save {ro / 'save'}: {ro} is not writable (Read-only file "
                                   f"system); ")
+        assert _export(run["save"], ro / "export") == 2
+        assert f"--save {ro / 'export'}: {ro} is not writable" in _one_line_error(capsys)
     finally:
         subprocess.run(["umount", str(ro)], check=True)
 

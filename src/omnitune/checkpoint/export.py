@@ -41,7 +41,7 @@ def export_hf(load: str | Path, save: str | Path, model_assets: str | Path | Non
                                 f"processor files)")
     if save.exists() and any(save.iterdir()) and not overwrite:
         raise FileExistsError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
-    ckpt_io.check_save_dir(save.parent if not save.exists() else save)
+    ckpt_io.check_save_dir(save)
     config = AutoConfig.from_pretrained(assets, trust_remote_code=False)
     family = family_for_hf_config(config)
     model = load_hf_model(family, None, config, init_weights=False)

@@ -126,10 +126,15 @@ class SafeFileSystemReader(FileSystemReader):
     """``FileSystemReader`` whose metadata is read by :func:`read_metadata` (no rank-local
     fallback: omnitune's saves write one global .metadata), and whose read errors name the file."""
 
+    def __init__(self, path: str | os.PathLike, metadata: Metadata | None = None):
+        """metadata: already read (and checked) by :func:`read_metadata`; not read again."""
+        super().__init__(path)
+        self._metadata = metadata
+
     def read_metadata(self) -> Metadata:  # noqa: D102 - no *args/**kwargs: DCP then skips rank-local files
         from torch.distributed.checkpoint.metadata import StorageMeta
 
-        md = read_metadata(self.path)
+        md = self._metadata if self._metadata is not None else read_metadata(self.path)
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id
@@ -203,11 +208,11 @@ def load(state: dict, folder: str | os.PathLike, *, no_dist: bool | None = None)
     from torch.distributed.checkpoint.api import CheckpointException
 
     folder = Path(folder)
-    read_metadata(folder)   # a clear error before DCP starts (it logs tracebacks on metadata errors)
+    md = read_metadata(folder)   # a clear error before DCP starts (it logs tracebacks on metadata errors)
     if no_dist is None:
         no_dist = not dist.is_initialized()
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), planner=SafeLoadPlanner(folder),
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(folder), md), planner=SafeLoadPlanner(folder),
                  no_dist=no_dist)
     except CheckpointException as e:
         cause = root_cause(e)
