@@ -388,3 +388,31 @@ def test_disk_full_during_training_exits_2_with_the_message(run, tmp_path, monke
                    f"{LATEST} still names iter_0000001; free space and resume with --load {save}")
     assert (save / LATEST).read_text() == "1" and (save / "iter_0000001" / ".metadata").is_file()
     assert json.loads((save / "iter_0000001" / "trainer_state.json").read_text())["iteration"] == 1
+
+
+def test_real_disk_full_on_a_small_tmpfs(tmp_path):
+    """The same with a real full file system (a 1 MiB tmpfs filled up after the first save)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        save = disk / "save"
+        model, opt = _tiny_save(save)
+        with open(disk / "filler", "wb", buffering=0) as f:   # take every free block
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+        with pytest.raises(safe_dcp.CheckpointError, match=r"disk full while saving iter_0000002: "
+                                                            r"iter_0000002\.partial left, latest_checkpointed_"
+                                                            r"iteration\.txt still names iter_0000001; free space"):
+            ck.save_checkpoint(save, 2, model, opt, {"consumed_samples": 8})
+        assert (save / LATEST).read_text() == "1"
+        (disk / "filler").unlink()
+        assert ck.load_checkpoint(ck.resolve_checkpoint(save), model, opt)["iteration"] == 1
+        ck.save_checkpoint(save, 2, model, opt, {"consumed_samples": 8})   # space freed: the save works
+        assert (save / LATEST).read_text() == "2" and not (save / "iter_0000002.partial").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
