@@ -16,7 +16,10 @@ size, TP, CP, EP) is the saved one. The data position is per data-parallel rank 
 
 A save writes into ``iter_XXXXXXX.partial`` and is renamed when every rank has finished; only then
 is ``latest_checkpointed_iteration.txt`` replaced (temp file + rename). A save that dies midway
-leaves the previous checkpoint and the ``latest`` pointer untouched.
+leaves the previous checkpoint and the ``latest`` pointer untouched. A write that fails (disk full,
+read-only) is one error on every rank saying what is left and what ``latest`` still names.
+
+Reading goes through ``checkpoint.safe_dcp``: no code from the folder, damaged files named.
 """
 from __future__ import annotations
 
@@ -164,8 +167,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trai
     save = Path(save_dir)
     final = save / iter_dir_name(iteration)
     partial = save / (iter_dir_name(iteration) + ".partial")
-    before = _latest_or_none(save)
-    fail = _SaveFailure(save, final, partial, before)
+    fail = _SaveFailure(save, final, partial)
 
     def prepare():
         save.mkdir(parents=True, exist_ok=True)
@@ -230,8 +232,8 @@ class _SaveFailure:
     """A failed write during a save, said the way a user can act on it: what is left on disk and
     what ``latest`` still points at (the save is write-then-rename, so nothing earlier is lost)."""
 
-    def __init__(self, save: Path, final: Path, partial: Path, before: str | None):
-        self.save, self.final, self.partial, self.before = save, final, partial, before
+    def __init__(self, save: Path, final: Path, partial: Path):
+        self.save, self.final, self.partial = save, final, partial
 
     def error(self, e: OSError) -> CheckpointError:
         full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
