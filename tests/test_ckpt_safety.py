@@ -12,7 +12,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -218,13 +217,9 @@ def test_distcp_bytes_payload_is_refused_on_resume(tmp_path):
                                                         r"by torch\.load\(weights_only=True\)"):
         ck.load_checkpoint(ckpt, model, opt)
     assert not marker.exists()
-    # the same file through torch's default reader and planner does run it
-    code = ("import sys\n"
-            "from torch.distributed.checkpoint import FileSystemReader as R\n"
-            "from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner as P\n"
-            "from torch.distributed.checkpoint.state_dict_loader import _load_state_dict\n"
-            "_load_state_dict({}, storage_reader=R(sys.argv[1]), planner=P(), no_dist=True)")
-    subprocess.run([sys.executable, "-c", code, str(ckpt)], check=True, capture_output=True, timeout=120)
+    # the same file through torch's default reader and planner does run it (the payload is harmless)
+    _load_state_dict({}, storage_reader=FileSystemReader(str(ckpt)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
     assert marker.exists()
 
 
