@@ -36,6 +36,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                                                           "(default: 1234)")
 
 
+def _quiet() -> None:
+    """No per-load weight progress bars: the replies (and one-line errors) are the output."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def _sampling(a):
     from omnitune.infer.generate import Sampling
 
@@ -107,13 +113,14 @@ def cmd_generate(argv: list[str]) -> int:
             requests = read_requests(a.input_file, template, cfg)
         else:
             media = _checked_media(a, template, cfg)
+        _quiet()
         g = Generator(a.model, a.model_assets, cfg=cfg)
         if batch:
             n = run_batch(g, a.input_file, a.output_file, sampling, a.system, requests)
             print(f"{a.output_file}: {n} replies", file=sys.stderr)
             return 0
         conv = g.new_conversation(a.system)
-        where = "/".join(f"--{k}" for k in media if media[k]) or "--prompt"
+        where = _where(media)
         conv.add_user(g.template, a.prompt, media, where)
         print(g.reply(conv, sampling, where))
     except _errors() as e:
@@ -140,7 +147,7 @@ def _family_template(assets) -> str:
 
 def _checked_media(a, template, cfg) -> dict[str, list[str]]:
     from omnitune.infer.loader import InferError
-    from omnitune.infer.prompt import check_media
+    from omnitune.infer.prompt import check_media, user_turn
 
     media = {"image": a.image, "video": a.video, "audio": a.audio}
     for kind, files in media.items():
@@ -148,7 +155,13 @@ def _checked_media(a, template, cfg) -> dict[str, list[str]]:
             raise InferError(f"--{kind}: this model reads no {kind}; remove it or use an Omni model")
         for f in files:
             check_media(kind, f, f"--{kind} {f}", cfg)
+    user_turn(template, a.prompt, media, _where(media))
     return media
+
+
+def _where(media: dict[str, list[str]]) -> str:
+    """How one-prompt errors name the input: the media flags given, else --prompt."""
+    return "/".join(f"--{k}" for k in media if media[k]) or "--prompt"
 
 
 def chat_parser() -> argparse.ArgumentParser:
@@ -172,6 +185,7 @@ def cmd_chat(argv: list[str], stdin=None, stdout=None, stderr=None) -> int:
         from omnitune.infer.loader import resolve
         assets, _ = resolve(a.model, a.model_assets)
         cfg = data_config(_family_template(assets), a.mm_data, a.use_audio_in_video)
+        _quiet()
         g = Generator(a.model, a.model_assets, cfg=cfg)
     except _errors() as e:
         print(f"omnitune: error: {e}", file=err)

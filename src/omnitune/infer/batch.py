@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omnitune.data.templates import KINDS
 from omnitune.infer.loader import InferError
-from omnitune.infer.prompt import check_media
+from omnitune.infer.prompt import check_media, user_turn
 
 KEYS = {"prompt": "prompt", "system": "system", "image": "images", "video": "videos", "audio": "audios"}
 
@@ -57,6 +57,7 @@ def read_requests(path: str, template, cfg) -> list[tuple[str, dict]]:
                 raise InferError(f"{where}: \"{key}\": this model reads no {kind}; remove them or use an Omni model")
             for i, f in enumerate(files):
                 check_media(kind, str(p.parent / f), f"{where}: {key}[{i}] {f}", cfg)
+        user_turn(template, req["prompt"], media_of(req, path), where)
         out.append((where, req))
     if not out:
         raise InferError(f"--input-file {path}: no prompt in it (the file is empty)")

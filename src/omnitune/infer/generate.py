@@ -85,9 +85,11 @@ class Generator:
         return self.tokenizer.decode(self.reply_ids(conv, sampling, where), skip_special_tokens=True)
 
 
-def generate(model_dir: str | Path, prompt: str, image: str | None = None, max_new_tokens: int = 64) -> str:
-    """Greedy reply to one prompt (with at most one image): the demo's call."""
-    g = Generator(model_dir)
+def generate(model_dir: str | Path, prompt: str, image: str | None = None, max_new_tokens: int = 64,
+             mm_data: str | None = None) -> str:
+    """Greedy reply to one prompt (with at most one image): the demo's call. ``mm_data``: the
+    training data.json, so the image is sized as training sized it."""
+    g = Generator(model_dir, mm_data=mm_data)
     conv = g.new_conversation()
     where = f"--image {image}" if image else "--prompt"
     conv.add_user(g.template, prompt, {"image": [image] if image else []}, where)

@@ -31,12 +31,7 @@ class Conversation:
     def add_user(self, template, text: str, media: dict[str, list[str]], where: str) -> None:
         """A user turn with its media: placeholders in ``text`` are used as they are (one per file of
         that kind), else they are prepended (images, videos, audios), as training data does."""
-        counts = {k: len(media.get(k, ())) for k in KINDS}
-        try:
-            msg = place_media_tags(template, [{"role": "user", "content": text}], counts, where)[0]
-        except DataError as e:
-            raise InferError(str(e)) from None
-        self.turns.append(msg)
+        self.turns.append(user_turn(template, text, media, where))
         for k in KINDS:
             self.media[k].extend(str(p) for p in media.get(k, ()))
 
@@ -49,6 +44,16 @@ class Conversation:
     def messages(self) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system is not None else []
         return head + self.turns
+
+
+def user_turn(template, text: str, media: dict[str, list[str]], where: str) -> dict:
+    """The user message of ``text`` with one placeholder per media file (checked: tags in the text
+    must match the files' count per kind; with no tag at all they are prepended)."""
+    counts = {k: len(media.get(k, ())) for k in KINDS}
+    try:
+        return place_media_tags(template, [{"role": "user", "content": text}], counts, where)[0]
+    except DataError as e:
+        raise InferError(str(e)) from None
 
 
 def data_config(template: str, mm_data: str | None = None, use_audio_in_video: bool = False):
