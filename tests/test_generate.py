@@ -31,6 +31,7 @@ def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("gen_media")
     files = {"img": jpeg(d / "img.jpg", (90, 70), 1), "img2": jpeg(d / "img2.jpg", (64, 112), 2),
              "vid": mp4(d / "vid.mp4", 20, 10, (64, 64), 1), "snd": wav(d / "snd.wav", 1.0, 16000),
+             "va": mp4(d / "va.mp4", 20, 10, (64, 64), 3, audio_rate=16000),
              "snd2": wav(d / "snd2.wav", 0.5, 44100, channels=2, seed=1)}
     (d / "bad.jpg").write_bytes(b"not an image")
     (d / "bad.mp4").write_bytes(b"\x00\x00\x00 ftypisom" + b"garbage" * 50)
@@ -55,15 +56,16 @@ def run(cmd, argv, capsys):
     return rc, out.out, out.err
 
 
-def hf_inputs(processor, template, messages, images=(), videos=(), audios=()):
+def hf_inputs(processor, template, messages, images=(), videos=(), audios=(), audio_in_video=False):
     """The HF processor's inputs for ``messages`` (media placeholders in user turns) + the
-    generation prompt; media decoded and sampled as the data pipeline documents (PRE)."""
+    generation prompt; media decoded and sampled as the data pipeline documents (PRE).
+    ``audio_in_video``: the videos' sound tracks too (Omni)."""
     from PIL import Image
     from transformers.video_utils import VideoMetadata
 
     text = processor.apply_chat_template(hf_messages(messages), tokenize=False, add_generation_prompt=True)
-    kw = {"return_tensors": "pt",
-          "images_kwargs": {"size": {"shortest_edge": PRE["image_min_pixels"], "longest_edge": PRE["image_max_pixels"]}}}
+    size = {"shortest_edge": PRE["image_min_pixels"], "longest_edge": PRE["image_max_pixels"]}
+    kw = {"return_tensors": "pt", "images_kwargs": {"size": size}}
     if images:
         kw["images"] = [Image.open(f).convert("RGB") for f in images]
     if videos:
@@ -80,11 +82,16 @@ def hf_inputs(processor, template, messages, images=(), videos=(), audios=()):
                                  "cap_pixels_per_frame": False, "fps": metas[0].sampled_fps})
     if audios:
         kw["audio"] = [load_audio(f, "ref", 16000) for f in audios]
+    if audio_in_video:
+        kw.update(audio=[load_audio(v, "ref", 16000, from_video=True) for v in videos], load_audio_from_video=True,
+                  audio_from_video_indices=list(range(len(videos))))
     batch = dict(processor(text=[text], **kw))
     if "input_features" in batch:   # the extractor's padding to its window: masked, cut as training does
         n = int(batch["feature_attention_mask"].sum(-1).max())
         batch["input_features"] = batch["input_features"][..., :n].contiguous()
         batch["feature_attention_mask"] = batch["feature_attention_mask"][..., :n].contiguous()
+    if audio_in_video:
+        batch["use_audio_in_video"] = True
     return batch
 
 
@@ -169,6 +176,14 @@ def test_omni_video_and_audio_equal_hf_thinker_generate(family, tiny_model_dir, 
     conv.add_user(g.template, "Transcribe.", {"audio": [f["snd"]]}, "test")
     ref = hf_inputs(proc, template, system + [{"role": "user", "content": "<audio>Transcribe."}], audios=[f["snd"]])
     assert g.reply_ids(conv, Sampling(max_new_tokens=N_NEW), "test") == hf_generate(folder, ref)
+    if family == "qwen2_5_omni":   # --use-audio-in-video: the video's own sound track, interleaved
+        rc, out, err = run(cmd_generate, ["--model", folder, "--mm-data", data_json(template), "--use-audio-in-video",
+                                          "--system", "Be brief.", "--max-new-tokens", str(N_NEW),
+                                          "--video", f["va"], "--prompt", "What?"], capsys)
+        assert rc == 0, err
+        ref = hf_inputs(proc, template, system + [{"role": "user", "content": "<video>What?"}], videos=[f["va"]],
+                        audio_in_video=True)
+        assert out == g.tokenizer.decode(hf_generate(folder, ref), skip_special_tokens=True) + "\n"
 
 
 @pytest.mark.parametrize("family,template", [("qwen2_vl", "qwen2vl"), ("qwen3_vl", "qwen3_vl")])

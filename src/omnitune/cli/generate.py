@@ -87,62 +87,67 @@ def generate_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(argv: list[str]) -> int:
+    """One prompt (reply on stdout) or a JSONL file of prompts (--input-file / --output-file).
+    Flags, the model folder, the batch lines and every media file are checked before the model
+    is loaded; every bad input is one ``omnitune: error:`` line and exit status 2."""
     from omnitune.infer.generate import Generator
-    from omnitune.infer.prompt import data_config
 
     a = generate_parser().parse_args(argv)
-    batch = a.input_file is not None
     try:
-        if batch and (a.prompt is not None or a.image or a.video or a.audio):
-            raise _usage("--input-file: the prompts and media come from the file; drop --prompt/--image/--video/"
-                         "--audio")
-        if batch != (a.output_file is not None):
-            raise _usage("--input-file and --output-file go together; give both")
-        if not batch and a.prompt is None:
-            raise _usage("--prompt: required (or --input-file IN.jsonl --output-file OUT.jsonl)")
+        _check_modes(a)
         sampling = _sampling(a)
-        # everything the user gave is checked before the (slow) model load
-        from omnitune.infer.loader import resolve
-        assets, _ = resolve(a.model, a.model_assets)
-        template_name = _family_template(assets)
-        cfg = data_config(template_name, a.mm_data, a.use_audio_in_video)
-        from omnitune.data.templates import get_template
-        template = get_template(cfg.dataset_param.basic_parameters.template)
-        if batch:
+        cfg, template = _prompt_config(a)
+        if a.input_file is not None:
             from omnitune.infer.batch import read_requests, run_batch
+
             requests = read_requests(a.input_file, template, cfg)
-        else:
-            media = _checked_media(a, template, cfg)
-        _quiet()
-        g = Generator(a.model, a.model_assets, cfg=cfg)
-        if batch:
-            n = run_batch(g, a.input_file, a.output_file, sampling, a.system, requests)
+            _quiet()
+            n = run_batch(Generator(a.model, a.model_assets, cfg=cfg), a.input_file, a.output_file, sampling,
+                          a.system, requests)
             print(f"{a.output_file}: {n} replies", file=sys.stderr)
             return 0
+        media = _checked_media(a, template, cfg)
+        _quiet()
+        g = Generator(a.model, a.model_assets, cfg=cfg)
         conv = g.new_conversation(a.system)
-        where = _where(media)
-        conv.add_user(g.template, a.prompt, media, where)
-        print(g.reply(conv, sampling, where))
+        conv.add_user(g.template, a.prompt, media, _where(media))
+        print(g.reply(conv, sampling, _where(media)))
     except _errors() as e:
         return _fail(e)
     return 0
 
 
-def _usage(msg: str):
+def _check_modes(a) -> None:
+    """One prompt or a batch file, not both, not neither."""
     from omnitune.infer.loader import InferError
-    return InferError(msg)
+
+    batch = a.input_file is not None
+    if batch and (a.prompt is not None or a.image or a.video or a.audio):
+        raise InferError("--input-file: the prompts and media come from the file; drop --prompt/--image/--video/"
+                         "--audio")
+    if batch != (a.output_file is not None):
+        raise InferError("--input-file and --output-file go together; give both")
+    if not batch and a.prompt is None:
+        raise InferError("--prompt: required (or --input-file IN.jsonl --output-file OUT.jsonl)")
 
 
-def _family_template(assets) -> str:
+def _prompt_config(a):
+    """(DataConfig, Template) of the prompts: --mm-data's, else the model family's defaults; the
+    family is read from the (original) HF folder's config.json, without loading the model."""
     from transformers import AutoConfig
 
-    from omnitune.infer.loader import InferError
+    from omnitune.data.templates import get_template
+    from omnitune.infer.loader import InferError, resolve
+    from omnitune.infer.prompt import data_config
     from omnitune.models.registry import family_for_hf_config
 
+    assets, _ = resolve(a.model, a.model_assets)
     try:
-        return family_for_hf_config(AutoConfig.from_pretrained(assets, trust_remote_code=False)).template
+        family = family_for_hf_config(AutoConfig.from_pretrained(assets, trust_remote_code=False))
     except ValueError as e:
         raise InferError(f"--model {assets}: {e}; omnitune generates with the Qwen families it trains") from None
+    cfg = data_config(family.template, a.mm_data, a.use_audio_in_video)
+    return cfg, get_template(cfg.dataset_param.basic_parameters.template)
 
 
 def _checked_media(a, template, cfg) -> dict[str, list[str]]:
@@ -176,15 +181,12 @@ def chat_parser() -> argparse.ArgumentParser:
 def cmd_chat(argv: list[str], stdin=None, stdout=None, stderr=None) -> int:
     from omnitune.infer.chat import run_chat
     from omnitune.infer.generate import Generator
-    from omnitune.infer.prompt import data_config
 
     a = chat_parser().parse_args(argv)
     inp, out, err = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     try:
         sampling = _sampling(a)
-        from omnitune.infer.loader import resolve
-        assets, _ = resolve(a.model, a.model_assets)
-        cfg = data_config(_family_template(assets), a.mm_data, a.use_audio_in_video)
+        cfg, _ = _prompt_config(a)
         _quiet()
         g = Generator(a.model, a.model_assets, cfg=cfg)
     except _errors() as e:
