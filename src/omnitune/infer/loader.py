@@ -63,7 +63,10 @@ def resolve(model: str | Path, model_assets: str | Path | None = None) -> tuple[
         if not (path / "config.json").is_file():
             raise InferError(f"--model {model}: no config.json (expected an HF folder, e.g. from omnitune export) "
                              f"and no {ckpt_io.LATEST} (a training save dir); give one of those")
-        return Path(model_assets) if model_assets else path, None
+        if model_assets:
+            raise InferError(f"--model-assets {model_assets}: only for a training save dir; --model {model} is an "
+                             f"HF folder and brings its own config and processor, drop --model-assets")
+        return path, None
     if model_assets:
         assets, flag = Path(model_assets), "--model-assets"
     else:
