@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
+import os
 import sys
 
 import pytest
@@ -20,6 +20,7 @@ from omnitune.data.audio import load_audio
 from omnitune.data.templates import TEMPLATES
 from omnitune.data.video import processor_size
 from omnitune.infer.generate import Generator, Sampling
+from omnitune.infer.prompt import data_config
 
 PRE = {"image_min_pixels": 28 * 28 * 4, "image_max_pixels": 28 * 28 * 16,
        "video_min_pixels": 28 * 28, "video_max_pixels": 28 * 28 * 4, "video_fps": 2.0}
@@ -109,14 +110,40 @@ def processor_of(folder):
     """The folder's AutoProcessor (the one a Generator of the folder already loaded, if any)."""
     from transformers import AutoProcessor
 
-    for key, g in _CACHE.items():
+    for key, g in list(_CACHE.items()):
         if key[0] == "generator" and key[1] == str(folder):
             return g.loaded.processor
     return cached(("processor", str(folder)), lambda: AutoProcessor.from_pretrained(folder))
 
 
-def generator(folder, mm_data=None) -> Generator:
-    return cached(("generator", str(folder), mm_data), lambda: Generator(folder, mm_data=mm_data))
+def generator(folder, mm_data=None, template="qwen2vl") -> Generator:
+    """The Generator the CLI builds for ``--model folder [--mm-data mm_data]`` (one per module)."""
+    return shared_generator(folder, cfg=data_config(template, mm_data))
+
+
+def shared_generator(model, model_assets=None, mm_data=None, use_audio_in_video=False, cfg=None) -> Generator:
+    """Generator(...) loaded once per module for the same model folder and prompt config: the CLI
+    calls of these tests go through it (their code path is the CLI's; the loads themselves, the
+    slow part, are tested by the first call of each model and by the save-dir test's folders)."""
+    cfg = cfg or data_config(generator_template(model), mm_data, use_audio_in_video)
+    key = ("generator", str(model), str(model_assets), cfg.model_dump_json())
+    return cached(key, lambda: Generator(model, model_assets, cfg=cfg))
+
+
+def generator_template(model) -> str:
+    from transformers import AutoConfig
+
+    from omnitune.models.registry import family_for_hf_config
+    return family_for_hf_config(AutoConfig.from_pretrained(model)).template
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_load_per_model():
+    import omnitune.infer.generate as gen
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gen, "Generator", shared_generator)
+        yield
 
 
 def hf_model(folder):
@@ -153,7 +180,7 @@ def test_omni_video_and_audio_equal_hf_thinker_generate(family, tiny_model_dir, 
     folder = str(tiny_model_dir(family))
     d, f = media
     template = "qwen2_omni" if family == "qwen2_5_omni" else "qwen3_omni"
-    g = generator(folder, data_json(template))
+    g = generator(folder, data_json(template), template)
     assert type(g.loaded.model).__name__.endswith("ThinkerForConditionalGeneration")   # no talker built
     proc = processor_of(folder)
     system = [{"role": "system", "content": "Be brief."}]
@@ -191,7 +218,7 @@ def test_vl_several_images_greedy_and_sampled_equal_hf_generate(family, template
                                                                 data_json, capsys):
     folder = str(tiny_model_dir(family))
     d, f = media
-    g = generator(folder, data_json(template))
+    g = generator(folder, data_json(template), template)
     prompt = "Compare <image> with <image>."
     conv = g.new_conversation()    # the template's default system prompt, as the HF chat template's
     conv.add_user(g.template, prompt, {"image": [f["img"], f["img2"]]}, "test")
@@ -301,15 +328,20 @@ def test_training_save_dir_equals_its_export(tiny_model_dir, media, tmp_path, ca
     assert rc == 2 and f"--model-assets {tmp_path}: no config.json" in err
 
 
-def test_chat_piped_stdin_keeps_history_reset_and_errors(tiny_model_dir, media, tmp_path):
+def test_chat_piped_stdin_keeps_history_reset_and_errors(tiny_model_dir, media, capsys, monkeypatch):
     folder = str(tiny_model_dir("qwen2_vl"))
     d, f = media
     script = (f"/image {f['img']}\nWhat is it?\nAnd the colour?\n/image {d / 'nope.jpg'}\n/audio {f['snd']}\n"
               f"/frobnicate\n/reset\nWhat is it?\n/exit\nnever answered\n")
-    r = subprocess.run([sys.executable, "-m", "omnitune.cli.main", "chat", "--model", folder,
-                        "--max-new-tokens", str(N_NEW)], input=script, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 2, r.stderr      # the session went on past the bad lines, and says so
-    errors = [x for x in r.stderr.splitlines() if x.startswith("omnitune: error: ")]
+    read_fd, write_fd = os.pipe()   # a real pipe on stdin, as `... | omnitune chat` gives
+    with os.fdopen(write_fd, "w") as w:
+        w.write(script)
+    with os.fdopen(read_fd) as pipe:
+        monkeypatch.setattr(sys, "stdin", pipe)
+        rc = cmd_chat(["--model", folder, "--max-new-tokens", str(N_NEW)])
+    r = capsys.readouterr()
+    assert rc == 2, r.err      # the session went on past the bad lines, and says so
+    errors = [x for x in r.err.splitlines() if x.startswith("omnitune: error: ")]
     assert len(errors) == 3
     assert "/image" in errors[0] and "nope.jpg: no such file" in errors[0]
     assert "/audio" in errors[1] and "reads no audio" in errors[1]
@@ -326,7 +358,7 @@ def test_chat_piped_stdin_keeps_history_reset_and_errors(tiny_model_dir, media, 
     conv = g.new_conversation()
     conv.add_user(g.template, "What is it?", {}, "test")
     expected = [t1, g.tokenizer.decode(r2, skip_special_tokens=True), g.reply(conv, greedy, "test")]
-    assert r.stdout == "".join(x + "\n" for x in expected)
+    assert r.out == "".join(x + "\n" for x in expected)
 
 
 def test_bad_media_and_flags_are_one_line_errors_before_loading(tiny_model_dir, media, tmp_path, capsys,
