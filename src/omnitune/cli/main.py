@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from omnitune.cli.generate import cmd_chat, cmd_generate  # light: imports the inference code when run
+
 
 def _free_port() -> int:
     from omnitune.parallel.mesh import _free_port as fp
@@ -95,23 +97,6 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
-def cmd_generate(argv: list[str]) -> int:
-    from omnitune.infer.generate import generate
-
-    p = argparse.ArgumentParser(prog="omnitune generate", description="Greedy reply from an HF folder")
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--image", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    a = p.parse_args(argv)
-    try:
-        print(generate(a.model, a.prompt, a.image, a.max_new_tokens))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"omnitune: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def cmd_data(argv: list[str]) -> int:
     """`omnitune data llava-to-mllm ...`: dataset converters."""
     from omnitune.data.tools.llava import llava_to_mllm
@@ -180,7 +165,7 @@ def cmd_demo(argv: list[str]) -> int:
     return run_demo(a.out, a.nproc_per_node, a.train_iters)
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "generate": cmd_generate, "data": cmd_data,
+COMMANDS = {"train": cmd_train, "export": cmd_export, "generate": cmd_generate, "chat": cmd_chat, "data": cmd_data,
             "tiny-model": cmd_tiny_model, "demo": cmd_demo}
 
 
@@ -190,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: omnitune {" + ",".join(COMMANDS) + "} ...\n"
               "  train       fine-tune (MindSpeed-MM flags; --nproc-per-node N starts torchrun)\n"
               "  export      training checkpoint -> Hugging Face folder\n"
-              "  generate    greedy reply from an HF folder (--image, --prompt)\n"
+              "  generate    reply to --prompt with --image/--video/--audio, or a JSONL file of prompts\n"
+              "  chat        interactive session (/image, /video, /audio, /reset, /exit)\n"
               "  data        llava-to-mllm, rlhfv-to-dpo converters; inspect a data.json\n"
               "  demo        tiny model + bundled data: train, export, reload, generate\n"
               "  tiny-model  write a random-weight HF folder for tests", file=sys.stderr)
