@@ -31,9 +31,6 @@ def cmd_train(argv: list[str]) -> int:
     <training flags>`: validate for N x M processes, then train (one process: right here; else
     through torchrun's launcher, run in this process; on M nodes, run the same command on each
     node with its --node-rank)."""
-    from omnitune.config.errors import ConfigError
-    from omnitune.train.trainer import make_plan
-
     from omnitune.config.train import add_launcher_args, build_parser
 
     if "-h" in argv or "--help" in argv:
@@ -155,12 +152,15 @@ def cmd_data(argv: list[str]) -> int:
     ins.add_argument("--seq-length", type=int, default=None,
                      help="the training --seq-length (default: cutoff_len if set, else 1024); "
                           "the limit is min(seq-length, cutoff_len)")
+    ins.add_argument("--no-decode", action="store_true",
+                     help="skip decoding every media file as training does (faster; a corrupt file then "
+                          "shows only in training)")
     a = p.parse_args(argv)
     if a.tool == "inspect":
         from omnitune.config.errors import ConfigError
         from omnitune.data.tools.inspect import inspect_data
         try:
-            print(inspect_data(a.mm_data, a.seq_length, a.index))
+            print(inspect_data(a.mm_data, a.seq_length, a.index, decode=not a.no_decode))
         except (ConfigError, ValueError, FileNotFoundError) as e:
             print(f"omnitune: error: {e}", file=sys.stderr)
             return 2

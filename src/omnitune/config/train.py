@@ -237,9 +237,31 @@ def build_parser(prog: str = "omnitune.train", launcher: bool = False) -> argpar
     return p
 
 
+def _join_negative_numbers(p: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--weight-decay -1e-2`` -> ``--weight-decay=-1e-2``: argparse takes a value like -1e-2 for a
+    flag and reports "expected one argument"; joined, the range check names the real problem."""
+    takes = {s for a in p._actions if a.nargs is None and a.option_strings for s in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in takes and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{tok}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def parse_train_args(argv: list[str]) -> tuple[TrainArgs, list[str], bool]:
     """Return (args, ignored flag names, dry_run). Raises ConfigError naming the bad flag as typed."""
-    ns = vars(build_parser().parse_args(argv))
+    p = build_parser()
+    ns = vars(p.parse_args(_join_negative_numbers(p, argv)))
     dry_run = ns.pop("dry_run__")
     ignored = sorted(k.split("__", 1)[1] for k in ns if k.startswith("ignored__"))
     notyet = sorted(k.split("__", 1)[1] for k in ns if k.startswith("notyet__"))
