@@ -155,7 +155,7 @@ def test_torchrun_config_error_is_the_last_line(tmp_path, tiny_qwen2vl):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert lines[-1] == line, r.stderr[-3000:]
     assert r.stderr.count(line) == 1
-    assert "Traceback" not in r.stderr.split("ChildFailedError")[0]   # no worker traceback
+    assert "src/omnitune/" not in r.stderr   # no worker traceback (torchrun's own shows torch frames only)
 
 
 def test_inspect_decodes_what_training_decodes(tmp_path, tiny_qwen2vl):

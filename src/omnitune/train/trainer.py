@@ -496,8 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     return run(plan)
 
 
-def run(plan: Plan) -> int:
-    """Train a checked plan in this process (one rank of a torchrun job, or a one-rank group)."""
+def _print_error(message: str) -> None:
+    print(f"omnitune: error: {message}", file=sys.stderr)
+
+
+def run(plan: Plan, report=_print_error) -> int:
+    """Train a checked plan in this process (one rank of a torchrun job, or a one-rank group).
+    ``report`` prints a ConfigError / DataError (`python -m omnitune.train`: after torchrun's report)."""
     from omnitune.parallel.mesh import init_distributed, shutdown
 
     d = init_distributed(plan.args.distributed_timeout_minutes)
@@ -507,7 +512,7 @@ def run(plan: Plan) -> int:
         trainer = Trainer(plan, d)
         trainer.fit()
     except (ConfigError, DataError) as e:
-        print(f"omnitune: error: {e}", file=sys.stderr)
+        report(str(e))
         return 2
     finally:
         shutdown()
