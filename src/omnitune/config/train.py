@@ -169,6 +169,14 @@ def add_launcher_args(p: argparse.ArgumentParser) -> None:
                    help="rendezvous port [default: a free port]")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Wraps help lines at spaces only, so a flag named in a description stays whole."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse would exit(2); we raise so callers can report uniformly
         if message.startswith("unrecognized arguments: "):
@@ -206,7 +214,7 @@ def build_parser(prog: str = "omnitune.train", launcher: bool = False) -> argpar
     (help only: cmd_train parses them itself)."""
     usage = (f"{prog} {'[--nproc-per-node N] [--nnodes M ...] ' if launcher else ''}--mm-data DATA_JSON "
              f"--mm-model MODEL_JSON --train-iters N [flags]")
-    p = _Parser(prog=prog, allow_abbrev=False, usage=usage,
+    p = _Parser(prog=prog, allow_abbrev=False, usage=usage, formatter_class=_Formatter,
                 description="Fine-tune a Qwen multimodal model with MindSpeed-MM's flags, data.json and "
                             f"model.json. Every flag, key and the checkpoint layout: {REFERENCE}.")
     groups = {g: p.add_argument_group(g) for g in GROUPS}

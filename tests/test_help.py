@@ -1,0 +1,85 @@
+"""Every command's --help: exit 0, a description for every flag; train's lists every TrainArgs
+field with its description, the launcher flags and --dry-run, under the name `omnitune train`."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from omnitune.cli.main import COMMANDS, main
+from omnitune.config.train import IGNORED_FLAGS, NOT_YET, TrainArgs
+
+
+def _actions(parser: argparse.ArgumentParser):
+    """(parser, action) of the parser and of its subcommands' parsers, recursively."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _actions(sub)
+        else:
+            yield parser, action
+
+
+@pytest.fixture
+def help_parsers(monkeypatch):
+    """Records every parser whose help is formatted."""
+    seen = []
+    original = argparse.ArgumentParser.format_help
+
+    def record(self):
+        seen.append(self)
+        return original(self)
+    monkeypatch.setattr(argparse.ArgumentParser, "format_help", record)
+    return seen
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_flag_of_every_command_has_help(command, help_parsers, capsys):
+    try:
+        rc = COMMANDS[command](["--help"])
+    except SystemExit as e:   # argparse's own -h
+        rc = e.code
+    assert rc in (0, None)
+    out = capsys.readouterr().out
+    assert help_parsers, f"omnitune {command} --help formatted no argparse help"
+    assert out.startswith(f"usage: omnitune {command}"), out[:200]
+    for parser in help_parsers:
+        for p, action in _actions(parser):
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = action.help
+            assert text and text != argparse.SUPPRESS and text.strip(), (p.prog, action.option_strings or action.dest)
+
+
+def test_subcommands_of_data_have_help(help_parsers, capsys):
+    for tool in ("llava-to-mllm", "rlhfv-to-dpo", "inspect"):
+        with pytest.raises(SystemExit) as e:
+            main(["data", tool, "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: omnitune data {tool}")
+
+
+def test_train_help_lists_every_flag_with_its_description(capsys):
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
+    assert out.startswith("usage: omnitune train ")
+    for name, field in TrainArgs.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        assert field.description, name
+        assert flag in out, flag
+        assert " ".join(field.description.split()) in out, name
+    for flag in ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--dry-run",
+                 *("--" + f for f in IGNORED_FLAGS), *("--" + f for f in NOT_YET)):
+        assert flag in out, flag
+    for group in ("parallel:", "batch:", "schedule/optimizer:", "checkpoint:", "logging:", "data:", "LoRA",
+                  "DPO", "launcher", "ignored Megatron flags"):
+        assert group in out, group
+    assert "--lr X peak learning rate (AdamW) [default: 1e-05]" in out
+
+
+def test_top_level_help(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
+    assert main([]) == 2
