@@ -83,3 +83,32 @@ def test_top_level_help(capsys):
     for command in COMMANDS:
         assert command in out
     assert main([]) == 2
+
+
+def _mm_convert_commands():
+    import inspect
+
+    from omnitune.convert import converters
+
+    for cls in converters():
+        subs = [n for n, _ in inspect.getmembers(cls, inspect.isfunction) if not n.startswith("_")]
+        yield from ([[cls.__name__, sub] for sub in subs] if subs else [[cls.__name__]])
+
+
+@pytest.mark.parametrize("command", list(_mm_convert_commands()), ids=" ".join)
+def test_every_mm_convert_flag_has_a_description(command, help_parsers, capsys):
+    """mm-convert's flags come from each subcommand's config fields (jsonargparse)."""
+    from omnitune.cli.mm_convert import main as mm_convert
+
+    with pytest.raises(SystemExit) as e:
+        mm_convert([*command, "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: mm-convert")
+    parser = help_parsers[-1]
+    flags = 0
+    for p, action in _actions(parser):
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            continue
+        flags += 1
+        assert (action.help or "").strip() and action.help != argparse.SUPPRESS, action.option_strings
+    assert flags >= 3
