@@ -112,3 +112,17 @@ def test_every_mm_convert_flag_has_a_description(command, help_parsers, capsys):
         flags += 1
         assert (action.help or "").strip() and action.help != argparse.SUPPRESS, action.option_strings
     assert flags >= 3
+
+
+def test_reference_doc_is_up_to_date_and_describes_every_key():
+    """docs/reference.md is generated from the models; every key and flag has its meaning."""
+    from omnitune.config.reference import DOC, render
+
+    text = render()
+    assert DOC.read_text(encoding="utf-8") == text, "run: python -m omnitune.config.reference"
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) > 100
+    assert [r for r in rows if r.endswith("|  |")] == []   # the meaning column
+    for needle in ("`dataset_param.basic_parameters.template`", "`loss_cfg.loss_type`", "`--micro-batch-size`",
+                   "`text_decoder`", "latest_checkpointed_iteration.txt", "per_token_loss"):
+        assert needle in text
