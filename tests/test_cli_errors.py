@@ -175,3 +175,19 @@ def test_inspect_decodes_what_training_decodes(tmp_path, tiny_qwen2vl):
     assert "decoded        : no (--no-decode)" in report
     (tmp_path / "bad.jpg").write_bytes(data)
     assert "decoded        : the media of 2 samples, as training decodes them" in inspect_data(str(cfg))
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--nproc-per-node", "abc"], "omnitune: error: --nproc-per-node: invalid int value: 'abc'; see omnitune train --help"),
+    (["--nproc-per-node", "0"], "omnitune: error: --nproc-per-node: must be >= 1, got 0; see omnitune train --help"),
+    (["--nnodes", "2", "--node-rank", "2"], "omnitune: error: --node-rank 2 must be in 0..1 (--nnodes 2)"),
+])
+def test_launcher_flag_errors(flags, line, capsys):
+    from omnitune.cli.main import main
+
+    try:
+        rc = main(["train", *flags, *BASE])
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines() == [line]

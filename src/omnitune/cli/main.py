@@ -36,12 +36,13 @@ def cmd_train(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         build_parser(prog="omnitune train", launcher=True).print_help()
         return 0
-    p = argparse.ArgumentParser(prog="omnitune train", add_help=False, allow_abbrev=False)
+    p = ArgParser(prog="omnitune train", add_help=False, allow_abbrev=False)
     add_launcher_args(p)
     own, rest = p.parse_known_args(argv)
-    if own.nproc_per_node < 1 or own.nnodes < 1:
-        print("omnitune: error: --nproc-per-node and --nnodes must be >= 1", file=sys.stderr)
-        return 2
+    for flag, value in (("--nproc-per-node", own.nproc_per_node), ("--nnodes", own.nnodes)):
+        if value < 1:
+            print(f"omnitune: error: {flag}: must be >= 1, got {value}; see omnitune train --help", file=sys.stderr)
+            return 2
     if not 0 <= own.node_rank < own.nnodes:
         print(f"omnitune: error: --node-rank {own.node_rank} must be in 0..{own.nnodes - 1} (--nnodes {own.nnodes})",
               file=sys.stderr)
