@@ -52,6 +52,13 @@ def cmd_train(argv: list[str]) -> int:
               "every node) and --master-port", file=sys.stderr)
         return 2
     from omnitune.config.errors import ConfigError
+    from omnitune.config.train import parse_train_args
+
+    try:  # the flags alone first (pydantic only): a bad flag is reported before torch loads
+        parse_train_args(rest)
+    except ConfigError as e:
+        print(f"omnitune: error: {e}", file=sys.stderr)
+        return 2
     from omnitune.train.trainer import make_plan
 
     try:  # configs and the layout fail here, before any process starts
