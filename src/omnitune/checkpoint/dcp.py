@@ -34,10 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 
 from omnitune.checkpoint import safe_dcp
 from omnitune.checkpoint.safe_dcp import CheckpointError
@@ -164,6 +160,8 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trai
     the global rank), read back by :func:`read_data_state`; the ranks of one data-parallel rank hold
     the same position, so only those that pass it write it (one per data rank). ``layout``: the
     parallel sizes, recorded in trainer_state.json (RNG is restored only at the same layout)."""
+    import torch.distributed.checkpoint as dcp   # lazy: seconds of import, only when a checkpoint is used
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     save = Path(save_dir)
     final = save / iter_dir_name(iteration)
     partial = save / (iter_dir_name(iteration) + ".partial")
@@ -359,6 +357,9 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
     """Collective. Loads model (+ optimizer, + this rank's RNG) in place; returns trainer state with
     ``rng_restored``. Works across world sizes and layouts: DCP reshards. RNG: only when ``layout``
     (this job's parallel sizes) equals the saved one (a rank's RNG means nothing in another layout)."""
+    import torch.distributed.checkpoint as dcp   # lazy: seconds of import, only when a checkpoint is used
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
     ckpt = Path(ckpt)
     meta = read_trainer_state(ckpt)
     state = {"model": get_model_state_dict(model)}
@@ -387,6 +388,8 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
 
 def load_model_weights_from_dcp(ckpt: str | Path, model) -> None:
     """Single-process load of the model part of a checkpoint into a plain (unsharded) model."""
+    import torch.distributed.checkpoint as dcp   # lazy: seconds of import, only when a checkpoint is used
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions())
     safe_dcp.load({"model": sd}, ckpt, no_dist=True)
     set_model_state_dict(model, sd)

@@ -11,6 +11,18 @@ import sys
 from omnitune.cli.generate import cmd_chat, cmd_generate  # light: imports the inference code when run
 
 
+class ArgParser(argparse.ArgumentParser):
+    """argparse with omnitune's error line: ``omnitune: error: --flag: what is wrong; the fix``
+    (exit status 2), instead of a usage block with the message at its end."""
+
+    def error(self, message):
+        if message.startswith("argument "):   # "argument --family: invalid choice: 'foo' (choose from ...)"
+            flag, _, what = message[len("argument "):].partition(": ")
+            message = f"{flag.split('/')[0]}: {what}"
+        print(f"omnitune: error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
 def _free_port() -> int:
     from omnitune.parallel.mesh import _free_port as fp
     return fp()
@@ -21,19 +33,18 @@ def cmd_train(argv: list[str]) -> int:
     <training flags>`: validate for N x M processes, then train (one process: right here; else
     through torchrun's launcher, run in this process; on M nodes, run the same command on each
     node with its --node-rank)."""
-    from omnitune.config.errors import ConfigError
-    from omnitune.train.trainer import make_plan
+    from omnitune.config.train import add_launcher_args, build_parser
 
-    p = argparse.ArgumentParser(prog="omnitune train", add_help=False)
-    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1)
-    p.add_argument("--master-port", "--master_port", type=int, default=None)
-    p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--node-rank", "--node_rank", type=int, default=0)
-    p.add_argument("--master-addr", "--master_addr", default=None)
+    if "-h" in argv or "--help" in argv:
+        build_parser(prog="omnitune train", launcher=True).print_help()
+        return 0
+    p = ArgParser(prog="omnitune train", add_help=False, allow_abbrev=False)
+    add_launcher_args(p)
     own, rest = p.parse_known_args(argv)
-    if own.nproc_per_node < 1 or own.nnodes < 1:
-        print("omnitune: error: --nproc-per-node and --nnodes must be >= 1", file=sys.stderr)
-        return 2
+    for flag, value in (("--nproc-per-node", own.nproc_per_node), ("--nnodes", own.nnodes)):
+        if value < 1:
+            print(f"omnitune: error: {flag}: must be >= 1, got {value}; see omnitune train --help", file=sys.stderr)
+            return 2
     if not 0 <= own.node_rank < own.nnodes:
         print(f"omnitune: error: --node-rank {own.node_rank} must be in 0..{own.nnodes - 1} (--nnodes {own.nnodes})",
               file=sys.stderr)
@@ -42,6 +53,16 @@ def cmd_train(argv: list[str]) -> int:
         print("omnitune: error: --nnodes > 1 needs --master-addr (the node-rank-0 host's address, the same on "
               "every node) and --master-port", file=sys.stderr)
         return 2
+    from omnitune.config.errors import ConfigError
+    from omnitune.config.train import parse_train_args
+
+    try:  # the flags alone first (pydantic only): a bad flag is reported before torch loads
+        parse_train_args(rest)
+    except ConfigError as e:
+        print(f"omnitune: error: {e}", file=sys.stderr)
+        return 2
+    from omnitune.train.trainer import make_plan
+
     try:  # configs and the layout fail here, before any process starts
         plan, dry_run = make_plan(rest, world_size=own.nproc_per_node * own.nnodes)
     except (ConfigError, FileNotFoundError, ValueError) as e:
@@ -79,15 +100,17 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    from omnitune.checkpoint.export import export_hf
-
-    p = argparse.ArgumentParser(prog="omnitune export",
+    p = ArgParser(prog="omnitune export",
                                 description="Training checkpoint -> Hugging Face folder (safetensors + configs)")
     p.add_argument("--load", required=True, help="save dir (uses latest_checkpointed_iteration.txt) or an iter_* folder")
     p.add_argument("--save", required=True, help="output HF folder")
-    p.add_argument("--model-assets", default=None, help="original HF folder (config, tokenizer, processor files)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--model-assets", default=None,
+                   help="original HF folder (config, tokenizer, processor files) [default: the one recorded "
+                        "in the checkpoint]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save folder")
     a = p.parse_args(argv)
+    from omnitune.checkpoint.export import export_hf
+
     try:
         out = export_hf(a.load, a.save, a.model_assets, overwrite=a.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
@@ -99,37 +122,45 @@ def cmd_export(argv: list[str]) -> int:
 
 def cmd_data(argv: list[str]) -> int:
     """`omnitune data llava-to-mllm ...`: dataset converters."""
-    from omnitune.data.tools.llava import llava_to_mllm
-    from omnitune.data.tools.rlhfv import rlhfv_to_dpo
-
-    p = argparse.ArgumentParser(prog="omnitune data", description="dataset converters")
+    p = ArgParser(prog="omnitune data", description="dataset converters and inspection")
     sub = p.add_subparsers(dest="tool", required=True)
     lv = sub.add_parser("llava-to-mllm", help="LLaVA-Instruct json -> mllm json (images + messages)")
-    lv.add_argument("--input", default="./data/llava_instruct_150k.json")
-    lv.add_argument("--image-dir", default="./data/COCO2017/train2017")
-    lv.add_argument("--output", default="./data/mllm_format_llava_instruct_data.json")
-    lv.add_argument("--overwrite", action="store_true")
+    lv.add_argument("--input", default="./data/llava_instruct_150k.json",
+                    help="LLaVA-Instruct json [default: %(default)s]")
+    lv.add_argument("--image-dir", default="./data/COCO2017/train2017",
+                    help="folder of the COCO images it names [default: %(default)s]")
+    lv.add_argument("--output", default="./data/mllm_format_llava_instruct_data.json",
+                    help="mllm-format json to write [default: %(default)s]")
+    lv.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     rl = sub.add_parser("rlhfv-to-dpo", help="RLHF-V (HF dataset folder / parquet) -> DPO pairs json")
-    rl.add_argument("--input", default="./data/datasets/rlhf-v")
-    rl.add_argument("--image-dir", default="./data/rlhf_v_images/res")
-    rl.add_argument("--output", default="./data/rlhf-v.json")
-    rl.add_argument("--overwrite", action="store_true")
+    rl.add_argument("--input", default="./data/datasets/rlhf-v",
+                    help="HF dataset folder or parquet files [default: %(default)s]")
+    rl.add_argument("--image-dir", default="./data/rlhf_v_images/res",
+                    help="folder the extracted JPEGs go to [default: %(default)s]")
+    rl.add_argument("--output", default="./data/rlhf-v.json", help="DPO pairs json to write [default: %(default)s]")
+    rl.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ins = sub.add_parser("inspect", help="counts and one rendered sample of a data.json")
-    ins.add_argument("--mm-data", required=True)
-    ins.add_argument("--index", type=int, default=0, help="the sample to render (after drops)")
+    ins.add_argument("--mm-data", required=True, help="the data.json training would use")
+    ins.add_argument("--index", type=int, default=0, help="the sample to render (after drops) [default: 0]")
     ins.add_argument("--seq-length", type=int, default=None,
                      help="the training --seq-length (default: cutoff_len if set, else 1024); "
                           "the limit is min(seq-length, cutoff_len)")
+    ins.add_argument("--no-decode", action="store_true",
+                     help="skip decoding every media file as training does (faster; a corrupt file then "
+                          "shows only in training)")
     a = p.parse_args(argv)
     if a.tool == "inspect":
         from omnitune.config.errors import ConfigError
         from omnitune.data.tools.inspect import inspect_data
         try:
-            print(inspect_data(a.mm_data, a.seq_length, a.index))
+            print(inspect_data(a.mm_data, a.seq_length, a.index, decode=not a.no_decode))
         except (ConfigError, ValueError, FileNotFoundError) as e:
             print(f"omnitune: error: {e}", file=sys.stderr)
             return 2
         return 0
+    from omnitune.data.tools.llava import llava_to_mllm
+    from omnitune.data.tools.rlhfv import rlhfv_to_dpo
+
     convert = llava_to_mllm if a.tool == "llava-to-mllm" else rlhfv_to_dpo
     try:
         report = convert(a.input, a.image_dir, a.output, overwrite=a.overwrite)
@@ -141,27 +172,35 @@ def cmd_data(argv: list[str]) -> int:
 
 
 def cmd_tiny_model(argv: list[str]) -> int:
+    from omnitune.models.registry import FAMILIES
+
+    p = ArgParser(prog="omnitune tiny-model",
+                                description="Write a random-weight HF folder (real Qwen tokenizer) for tests/demos")
+    p.add_argument("--family", default="qwen2_vl", choices=list(FAMILIES),
+                   help="model family (registry name) [default: %(default)s]")
+    p.add_argument("--size", default="tiny", choices=["tiny", "bench"],
+                   help="tiny (hidden 64, 2 layers) or bench (~20-50M parameters) [default: %(default)s]")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
+    a = p.parse_args(argv)
     from omnitune.models.tiny import build_tiny_model
 
-    p = argparse.ArgumentParser(prog="omnitune tiny-model",
-                                description="Write a random-weight HF folder (real Qwen tokenizer) for tests/demos")
-    p.add_argument("--family", default="qwen2_vl")
-    p.add_argument("--size", default="tiny", choices=["tiny", "bench"])
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
-    print(build_tiny_model(a.family, a.out, a.size, overwrite=a.overwrite))
+    try:
+        print(build_tiny_model(a.family, a.out, a.size, overwrite=a.overwrite))
+    except (FileExistsError, ValueError) as e:
+        print(f"omnitune: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_demo(argv: list[str]) -> int:
+    p = ArgParser(prog="omnitune demo", description="Tiny model + bundled data: train, export, generate")
+    p.add_argument("--out", default="demo_out", help="working folder (model, configs, save dir) [default: %(default)s]")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="training processes [default: %(default)s]")
+    p.add_argument("--train-iters", type=int, default=80, help="optimizer steps [default: %(default)s]")
+    a = p.parse_args(argv)
     from omnitune.cli.demo import run_demo
 
-    p = argparse.ArgumentParser(prog="omnitune demo", description="Tiny model + bundled data: train, export, generate")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--nproc-per-node", type=int, default=1)
-    p.add_argument("--train-iters", type=int, default=80)
-    a = p.parse_args(argv)
     return run_demo(a.out, a.nproc_per_node, a.train_iters)
 
 
@@ -171,7 +210,8 @@ COMMANDS = {"train": cmd_train, "export": cmd_export, "generate": cmd_generate, 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    asked = bool(argv) and argv[0] in ("-h", "--help")
+    if asked or not argv or argv[0] not in COMMANDS:
         print("usage: omnitune {" + ",".join(COMMANDS) + "} ...\n"
               "  train       fine-tune (MindSpeed-MM flags; --nproc-per-node N starts torchrun)\n"
               "  export      training checkpoint -> Hugging Face folder\n"
@@ -179,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
               "  chat        interactive session (/image, /video, /audio, /reset, /exit)\n"
               "  data        llava-to-mllm, rlhfv-to-dpo converters; inspect a data.json\n"
               "  demo        tiny model + bundled data: train, export, reload, generate\n"
-              "  tiny-model  write a random-weight HF folder for tests", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+              "  tiny-model  write a random-weight HF folder for tests\n"
+              "`omnitune COMMAND --help` lists a command's flags; every flag and config key: docs/reference.md",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     return COMMANDS[argv[0]](argv[1:])
 
 

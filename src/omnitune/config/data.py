@@ -1,4 +1,4 @@
-"""data.json (SPEC section 4): pydantic models, loaded and validated before anything starts.
+"""data.json (every key: docs/reference.md): pydantic models, loaded and validated before anything starts.
 
 Every key of MindSpeed-MM's data.json is accepted; unknown keys anywhere are errors naming the key
 path and the file. cache_dir / overwrite_cache steer the preprocessing cache and
@@ -24,17 +24,21 @@ class _Strict(BaseModel):
 
 
 class PreprocessParameters(_Strict):
-    model_name_or_path: str | None = None     # the original HF folder (processor + config source)
-    use_fast_tokenizer: bool = True
-    split_special_tokens: bool = False
-    image_max_pixels: int = Field(768 * 768, ge=1)
-    image_min_pixels: int = Field(32 * 32, ge=0)
-    video_max_pixels: int = Field(256 * 256, ge=1)     # per frame, whatever the family's processor
-    video_min_pixels: int = Field(16 * 16, ge=0)
-    video_fps: float = Field(2.0, gt=0)                # frames sampled per second of video ...
-    video_maxlen: int = Field(128, ge=1)               # ... at most this many
-    audio_sampling_rate: int = Field(16000, ge=1)      # must equal the feature extractor's rate
-    use_audio_in_video: bool = False                   # Omni templates: a video's sound track, interleaved
+    model_name_or_path: str | None = Field(None,
+        description="the original HF folder: processor (tokenizer, image/video/audio) and config source")
+    use_fast_tokenizer: bool = Field(True, description="accepted, no effect (the fast tokenizer is always used)")
+    split_special_tokens: bool = Field(False, description="true is refused (not implemented)")
+    image_max_pixels: int = Field(768 * 768, ge=1, description="upper bound of an image's resized area (pixels)")
+    image_min_pixels: int = Field(32 * 32, ge=0, description="lower bound of an image's resized area (pixels)")
+    video_max_pixels: int = Field(256 * 256, ge=1,
+        description="upper bound of each video frame's area, whatever the family's processor")
+    video_min_pixels: int = Field(16 * 16, ge=0, description="lower bound of each video frame's area")
+    video_fps: float = Field(2.0, gt=0, description="frames sampled per second of video")
+    video_maxlen: int = Field(128, ge=1, description="at most this many frames per video")
+    audio_sampling_rate: int = Field(16000, ge=1,
+        description="audio resampled to this rate; must equal the processor's feature extractor")
+    use_audio_in_video: bool = Field(False,
+        description="Omni templates: a video's sound track, interleaved with its frames")
 
     @model_validator(mode="after")
     def _min_le_max(self):
@@ -46,24 +50,33 @@ class PreprocessParameters(_Strict):
 
 
 class BasicParameters(_Strict):
-    template: Literal[TEMPLATES] = "qwen2vl"
-    dataset_dir: str = "."                    # base folder for media paths (and dataset files)
-    dataset: str                              # "a.json,b.jsonl": comma-separated, no spaces
-    cache_dir: str | None = None
-    train_on_prompt: bool = False
-    mask_history: bool = False
-    preprocessing_batch_size: int = Field(1000, ge=1)
-    preprocessing_num_workers: int | None = Field(None, ge=0)
-    max_samples: int | None = Field(None, ge=1)   # per dataset file
-    tool_format: str | None = None
-    streaming: bool = False
-    overwrite_cache: bool = False
-    val_dataset: str | None = None
-    val_max_samples: int | None = Field(None, ge=1)
-    val_rate: float | None = Field(None, gt=0, lt=1)
-    cutoff_len: int | None = Field(None, ge=1)    # the smaller of this and --seq-length applies
-    packing: bool = False
-    enable_thinking: bool | None = None   # reasoning templates (qwen3_vl, qwen3_omni); null means true
+    template: Literal[TEMPLATES] = Field("qwen2vl",
+        description="chat template; must be one of the model family's (table below)")
+    dataset_dir: str = Field(".", description="base folder for media paths (and dataset files)")
+    dataset: str = Field(description='dataset files, comma-separated without spaces ("a.json,b.jsonl"); '
+                                     'relative to dataset_dir')
+    cache_dir: str | None = Field(None,
+        description="preprocessing cache folder (reused by the next run with the same inputs); null: no cache")
+    train_on_prompt: bool = Field(False, description="also train on the prompt (user/system) turns")
+    mask_history: bool = Field(False, description="train only the last answer of each conversation")
+    preprocessing_batch_size: int = Field(1000, ge=1, description="samples per tokenizer call while building")
+    preprocessing_num_workers: int | None = Field(None, ge=0,
+        description="processes that build the dataset (at most one per available CPU)")
+    max_samples: int | None = Field(None, ge=1, description="per dataset file: read at most this many samples")
+    tool_format: str | None = Field(None, description="tool calls; only null (not implemented)")
+    streaming: bool = Field(False,
+        description="read, tokenize and decode samples lazily during training (position saved in checkpoints)")
+    overwrite_cache: bool = Field(False, description="rebuild the cache entry once")
+    val_dataset: str | None = Field(None,
+        description="validation files (comma-separated), see --eval-interval / --eval-iters")
+    val_max_samples: int | None = Field(None, ge=1, description="cap of the validation samples")
+    val_rate: float | None = Field(None, gt=0, lt=1,
+        description="fraction of the training set split off for validation (map-style only)")
+    cutoff_len: int | None = Field(None, ge=1,
+        description="length limit; the smaller of this and --seq-length applies")
+    packing: bool = Field(False, description="true is refused (not implemented)")
+    enable_thinking: bool | None = Field(None,
+        description="reasoning templates (qwen3_vl, qwen3_omni): false removes thoughts; null means true")
 
     @field_validator("dataset")
     @classmethod
@@ -78,43 +91,45 @@ class BasicParameters(_Strict):
 class Attr(_Strict):
     """Column and tag names of the dataset files. Defaults are sharegpt's (as in MindSpeed-MM);
     mllm-format files use messages / role / content / user / assistant."""
-    system: str | None = None                 # column holding a per-sample system prompt
-    images: str | None = None                 # column holding the image path list
-    videos: str | None = None
-    audios: str | None = None
-    messages: str = "conversations"
-    role_tag: str = "from"
-    content_tag: str = "value"
-    user_tag: str = "human"
-    assistant_tag: str = "gpt"
-    observation_tag: str | None = None
-    function_tag: str | None = None
-    system_tag: str | None = "system"
-    ranking: bool = False
-    chosen: str | None = None
-    rejected: str | None = None
+    system: str | None = Field(None, description="column holding a per-sample system prompt")
+    images: str | None = Field(None, description="column holding the image path list")
+    videos: str | None = Field(None, description="column holding the video path list")
+    audios: str | None = Field(None, description="column holding the audio path list")
+    messages: str = Field("conversations",
+        description="column holding the conversation (sharegpt: conversations; mllm: messages)")
+    role_tag: str = Field("from", description="key of a turn's role")
+    content_tag: str = Field("value", description="key of a turn's text")
+    user_tag: str = Field("human", description="role value of user turns")
+    assistant_tag: str = Field("gpt", description="role value of assistant turns")
+    observation_tag: str | None = Field(None, description="role value of tool-result turns")
+    function_tag: str | None = Field(None, description="role value of function-call turns")
+    system_tag: str | None = Field("system", description="role value of system turns")
+    ranking: bool = Field(False, description="preference pairs (DPO); refused by the trainer in this version")
+    chosen: str | None = Field(None, description="column of the chosen answer (ranking)")
+    rejected: str | None = Field(None, description="column of the rejected answer (ranking)")
 
 
 class DatasetParam(_Strict):
-    dataset_type: Literal["huggingface"] = "huggingface"
+    dataset_type: Literal["huggingface"] = Field("huggingface", description="only huggingface")
     preprocess_parameters: PreprocessParameters = PreprocessParameters()
     basic_parameters: BasicParameters
     attr: Attr = Attr()
 
 
 class CollateParam(_Strict):
-    model_name: str | None = None
-    ignore_pad_token_for_loss: bool = True
+    model_name: str | None = Field(None, description="accepted, no effect")
+    ignore_pad_token_for_loss: bool = Field(True, description="accepted (padding is never trained)")
 
 
 class DataloaderParam(_Strict):
-    dataloader_mode: str = "sampler"
-    drop_last: bool = True
-    sampler_type: str = "BaseRandomBatchSampler"
+    dataloader_mode: str = Field("sampler", description="accepted, no effect")
+    drop_last: bool = Field(True, description="drop the last incomplete global batch of an epoch")
+    sampler_type: str = Field("BaseRandomBatchSampler",
+        description="accepted, no effect (a resumable seeded micro-batch sampler is used)")
     collate_param: CollateParam = CollateParam()
-    pin_memory: bool = False
-    shuffle: bool = True
-    num_workers: int | None = Field(None, ge=0)
+    pin_memory: bool = Field(False, description="pinned host memory for batches (accelerators only)")
+    shuffle: bool = Field(True, description="shuffle samples each epoch (seeded by --seed)")
+    num_workers: int | None = Field(None, ge=0, description="DataLoader workers; overrides --num-workers")
 
 
 class DataConfig(_Strict):

@@ -1,4 +1,4 @@
-"""model.json (SPEC section 6): which family, which modules are frozen, per-module settings.
+"""model.json (every key: docs/reference.md): which family, which modules are frozen, per-module settings.
 
 Structure sizes come from the HF config.json. MindSpeed-MM's model.json repeats many of them
 (num_layers, hidden_size, ...): we accept those keys and check them against config.json, so a
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from omnitune.config.errors import ConfigError, load_json_model
 
@@ -38,17 +38,21 @@ class ModuleConfig(BaseModel):
     """Settings of one module (vision encoder, projector, audio encoder, text decoder)."""
     model_config = ConfigDict(extra="allow")
 
-    freeze: bool = False
-    pipeline_num_layers: list[int] | None = None
-    recompute_granularity: Literal["full", "selective"] | None = None
-    recompute_method: Literal["uniform", "block"] | None = None
-    recompute_num_layers: int | None = None
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    activation_offload: bool = False
-    use_npu_fused_moe: bool = False
-    tp: int | None = None
-    pp: int | None = None
-    cp: int | None = None
+    freeze: bool = Field(False, description="no gradient and no optimizer state for the module")
+    pipeline_num_layers: list[int] | None = Field(None,
+        description="layers per pipeline stage; must sum to the module's layers")
+    recompute_granularity: Literal["full", "selective"] | None = Field(None,
+        description="full: activation checkpointing of the module's layers; selective is refused")
+    recompute_method: Literal["uniform", "block"] | None = Field(None,
+        description="uniform (every layer) or block (the first recompute_num_layers)")
+    recompute_num_layers: int | None = Field(None, description="layers recomputed with block (>= 1)")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(None,
+        description="eager, sdpa or flash_attention_2 (needs the flash-attn package)")
+    activation_offload: bool = Field(False, description="activations saved for backward live in host memory")
+    use_npu_fused_moe: bool = Field(False, description="MoE experts through one grouped GEMM")
+    tp: int | None = Field(None, description="hetero TP size; only 1")
+    pp: int | None = Field(None, description="hetero PP size; only 1")
+    cp: int | None = Field(None, description="hetero CP size; only 1")
 
     def structure(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -56,46 +60,50 @@ class ModuleConfig(BaseModel):
 
 class ImageEncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    vision_encoder: ModuleConfig | None = None
-    vision_projector: ModuleConfig | None = None
+    vision_encoder: ModuleConfig | None = Field(None, description="the vision tower's settings")
+    vision_projector: ModuleConfig | None = Field(None, description="the vision merger's settings")
     # hetero parallel sizes of the whole encoder (seed Qwen2.5-Omni model_7b.json)
-    tp: int | None = None
-    pp: int | None = None
-    cp: int | None = None
+    tp: int | None = Field(None, description="hetero TP size; only 1")
+    pp: int | None = Field(None, description="hetero PP size; only 1")
+    cp: int | None = Field(None, description="hetero CP size; only 1")
 
 
 class AudioEncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    audio_encoder: ModuleConfig | None = None
-    tp: int | None = None
-    pp: int | None = None
-    cp: int | None = None
+    audio_encoder: ModuleConfig | None = Field(None, description="the audio encoder's settings")
+    tp: int | None = Field(None, description="hetero TP size; only 1")
+    pp: int | None = Field(None, description="hetero PP size; only 1")
+    cp: int | None = Field(None, description="hetero CP size; only 1")
 
 
 class LossConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    compute_mode: Literal["default", "chunk", "dynamic_chunk"] = "default"
-    chunk_size: int | None = None
-    loss_type: Literal["default", "per_sample_loss", "per_token_loss"] = "default"
-    router_aux_loss_coef: float = 0.0
+    compute_mode: Literal["default", "chunk", "dynamic_chunk"] = Field("default",
+        description="default, or chunk / dynamic_chunk: lm_head + cross-entropy per chunk of trained positions")
+    chunk_size: int | None = Field(None,
+        description="trained positions per chunk (needed with chunk / dynamic_chunk)")
+    loss_type: Literal["default", "per_sample_loss", "per_token_loss"] = Field("default",
+        description="default, per_sample_loss or per_token_loss (see Loss types)")
+    router_aux_loss_coef: float = Field(0.0, description="weight of the MoE routers' load-balancing loss (>= 0)")
 
 
 class ModelJson(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_id: str
-    img_context_token_id: int | None = None
-    video_token_id: int | None = None
-    vision_start_token_id: int | None = None
-    init_from_hf_path: str | None = None
+    model_id: str = Field(description="model family id; must match the HF folder's config.json")
+    img_context_token_id: int | None = Field(None, description="accepted (the ids come from the tokenizer)")
+    video_token_id: int | None = Field(None, description="accepted (the ids come from the tokenizer)")
+    vision_start_token_id: int | None = Field(None, description="accepted (the ids come from the tokenizer)")
+    init_from_hf_path: str | None = Field(None,
+        description="the original HF folder (weights when --load is not given; config, processor)")
     image_encoder: ImageEncoderConfig | None = None
-    audio_encoder: AudioEncoderConfig | None = None
+    audio_encoder: AudioEncoderConfig | None = Field(None, description="the audio encoder's settings")
     text_decoder: ModuleConfig | None = None
-    text_encoder: None = None
-    video_encoder: None = None
+    text_encoder: None = Field(None, description="must be null")
+    video_encoder: None = Field(None, description="must be null")
     loss_cfg: LossConfig = LossConfig()
     #: MindSpeed-MM runtime patch switches (e.g. clip_grad_async, hetero_parallel_cp): accepted, no effect
-    patch: dict[str, Any] | None = None
+    patch: dict[str, Any] | None = Field(None, description="MindSpeed-MM runtime patch switches: accepted, no effect")
 
     @field_validator("model_id")
     @classmethod
@@ -125,8 +133,8 @@ def load_model_json(path: str | Path) -> ModelJson:
     for name, mod in cfg.modules().items():
         unknown = sorted(set(mod.structure()) - STRUCTURE_KEYS)
         if unknown:
-            raise ConfigError(f"{p}: {name}.{unknown[0]}: unknown key (model.json accepts the keys of "
-                              f"SPEC section 6 and MindSpeed-MM's structure keys)")
+            raise ConfigError(f"{p}: {name}.{unknown[0]}: unknown key; remove or fix it (model.json accepts the "
+                              f"keys listed in docs/reference.md, MindSpeed-MM's structure keys among them)")
     return cfg
 
 

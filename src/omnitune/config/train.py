@@ -1,7 +1,9 @@
-"""Megatron-style training flags (SPEC section 7), parsed into a pydantic model.
+"""Megatron-style training flags, parsed into a pydantic model (docs/reference.md lists them).
 
 Three kinds of flags:
-- implemented: fields of :class:`TrainArgs` (``--micro-batch-size`` -> ``micro_batch_size``);
+- implemented: fields of :class:`TrainArgs` (``--micro-batch-size`` -> ``micro_batch_size``); each
+  field carries its one-line description, its help group and its range, so ``omnitune train
+  --help``, docs/reference.md and the checks cannot drift apart;
 - accepted and ignored: flags of the seed scripts that steer Megatron internals or describe model
   structure (structure comes from model.json / config.json, as the seed guides say);
 - not implemented yet: parsed so the error can name them, then refused at start.
@@ -12,85 +14,100 @@ from __future__ import annotations
 import argparse
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from omnitune.config.errors import ConfigError, format_validation_error
+from omnitune.config.errors import REFERENCE, ConfigError, flag_of, format_validation_error
+
+HELP_HINT = f"see omnitune train --help or {REFERENCE}"
+
+
+def _f(default, group: str, description: str, **limits):
+    """A TrainArgs field: its default, help group, one-line description and range (ge/gt/le/lt)."""
+    return Field(default, description=description, json_schema_extra={"group": group}, **limits)
+
+
+# help groups, in the order `omnitune train --help` shows them
+GROUPS = ("data", "batch", "schedule/optimizer", "parallel", "checkpoint", "logging", "misc")
 
 
 class TrainArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # data / model configs
-    mm_data: str
-    mm_model: str
+    mm_data: str = _f(..., "data", "data.json: datasets, template, preprocessing, dataloader (required)")
+    mm_model: str = _f(..., "data", "model.json: model_id, frozen modules, per-module settings (required)")
+    num_workers: int = _f(0, "data", "DataLoader worker processes (data.json dataloader_param.num_workers wins)", ge=0)
     # batch and sequence
-    micro_batch_size: int = 1
-    global_batch_size: int | None = None
-    seq_length: int = 1024
+    micro_batch_size: int = _f(1, "batch", "samples per forward/backward on each data-parallel rank", ge=1)
+    global_batch_size: int | None = _f(None, "batch", "samples per optimizer step = micro x grad-acc x DP "
+                                                      "(default: micro x DP, no accumulation)", ge=1)
+    seq_length: int = _f(1024, "batch", "max tokens per sample (the limit is min(this, data.json cutoff_len))", ge=1)
     # optimizer and schedule
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    lr_warmup_fraction: float | None = None
-    lr_warmup_iters: int = 0
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    train_iters: int
-    exit_interval: int | None = None
-    seed: int = 1234
-    bf16: bool = False
+    train_iters: int = _f(..., "schedule/optimizer", "optimizer steps to train (required)", ge=1)
+    lr: float = _f(1e-5, "schedule/optimizer", "peak learning rate (AdamW)", ge=0)
+    min_lr: float = _f(0.0, "schedule/optimizer", "learning rate at the end of the decay", ge=0)
+    lr_decay_style: Literal["cosine", "linear", "constant"] = _f(
+        "cosine", "schedule/optimizer", "decay after warmup: cosine, linear or constant")
+    lr_warmup_fraction: float | None = _f(None, "schedule/optimizer", "warmup as a fraction of --train-iters "
+                                                                      "(overrides --lr-warmup-iters)", ge=0, le=1)
+    lr_warmup_iters: int = _f(0, "schedule/optimizer", "linear warmup steps from 0 to --lr", ge=0)
+    weight_decay: float = _f(0.0, "schedule/optimizer", "AdamW decoupled weight decay", ge=0)
+    clip_grad: float = _f(1.0, "schedule/optimizer", "global gradient-norm clip (0: no clipping)", ge=0)
+    adam_beta1: float = _f(0.9, "schedule/optimizer", "AdamW beta1, in [0, 1)", ge=0, lt=1)
+    adam_beta2: float = _f(0.999, "schedule/optimizer", "AdamW beta2, in [0, 1)", ge=0, lt=1)
+    adam_eps: float = _f(1e-8, "schedule/optimizer", "AdamW epsilon (> 0)", gt=0)
+    exit_interval: int | None = _f(None, "schedule/optimizer", "stop at the next multiple of N steps (then resume "
+                                                               "with --load)", ge=1)
+    seed: int = _f(1234, "schedule/optimizer", "seed of the sampler, shuffles and model init", ge=0)
+    bf16: bool = _f(False, "schedule/optimizer", "bf16 compute (autocast) with fp32 master weights")
+    enable_dummy_optimizer: bool = _f(False, "schedule/optimizer", "allow a run where every module is frozen "
+                                                                   "(no optimizer step)")
+    calculate_per_sample_loss: bool = _f(False, "schedule/optimizer", "loss: token mean per sample, then mean over "
+                                                                      "the global batch (= loss_type per_sample_loss)")
+    calculate_per_token_loss: bool = _f(False, "schedule/optimizer", "loss: sum over the global batch / its trained "
+                                                                     "tokens (= loss_type per_token_loss)")
     # parallel sizes (parallel/dims.py resolves and checks them; pipeline parallel not implemented yet)
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    context_parallel_size: int = 1
+    tensor_model_parallel_size: int = _f(1, "parallel", "TP size: attention/MLP/vocab split over TP ranks", ge=1)
+    pipeline_model_parallel_size: int = _f(1, "parallel", "PP size; only 1 (pipeline parallel is not implemented)",
+                                           ge=1)
+    virtual_pipeline_model_parallel_size: int | None = _f(None, "parallel", "VPP size; refused (not implemented)",
+                                                          ge=1)
+    context_parallel_size: int = _f(1, "parallel", "CP size: the sequence split over CP ranks (Ulysses)", ge=1)
     #: any string parses; parallel/dims.py refuses what is not implemented, naming the flag
-    context_parallel_algo: str = "ulysses_cp_algo"
-    expert_model_parallel_size: int = 1
+    context_parallel_algo: str = _f("ulysses_cp_algo", "parallel", "CP algorithm; only ulysses_cp_algo")
+    expert_model_parallel_size: int = _f(1, "parallel", "EP size: MoE experts spread over EP ranks", ge=1)
+    init_model_with_meta_device: bool = _f(False, "parallel", "build on the meta device; each rank reads only its "
+                                                              "own shards (large models)")
+    use_torch_fsdp2: bool = _f(True, "parallel", "accepted: FSDP2 is always used")
+    distributed_timeout_minutes: int = _f(10, "parallel", "timeout of collective operations, in minutes", ge=1)
     # checkpoints
-    load: str | None = None
-    save: str | None = None
-    save_interval: int | None = None
-    no_load_optim: bool = False
-    no_load_rng: bool = False
-    no_save_optim: bool = False
-    no_save_rng: bool = False
+    load: str | None = _f(None, "checkpoint", "HF folder, mm-convert output, or a save dir to resume")
+    save: str | None = _f(None, "checkpoint", "save dir: iter_XXXXXXX/ DCP checkpoints + "
+                                              "latest_checkpointed_iteration.txt")
+    save_interval: int | None = _f(None, "checkpoint", "save every N steps (needs --save; always at the end)", ge=1)
+    no_load_optim: bool = _f(False, "checkpoint", "resume without the saved optimizer state")
+    no_load_rng: bool = _f(False, "checkpoint", "resume without the saved RNG states")
+    no_save_optim: bool = _f(False, "checkpoint", "save without optimizer state (smaller; cannot resume exactly)")
+    no_save_rng: bool = _f(False, "checkpoint", "save without RNG states")
     # logging and eval
-    log_interval: int = 1
-    log_tps: bool = False
-    eval_interval: int | None = None
-    eval_iters: int = 0
-    # misc
-    num_workers: int = 0
-    distributed_timeout_minutes: int = 10
-    enable_dummy_optimizer: bool = False
-    use_torch_fsdp2: bool = True
-    #: build the model on the meta device, apply the parallel plans, then each rank materialises and
-    #: reads only its own shards (checkpoint/sharded_load.py)
-    init_model_with_meta_device: bool = False
-    # loss type (SPEC section 7); also model.json loss_cfg.loss_type
-    calculate_per_sample_loss: bool = False
-    calculate_per_token_loss: bool = False
+    log_interval: int = _f(1, "logging", "print an iteration line every N steps", ge=1)
+    log_tps: bool = _f(False, "logging", "add tokens/s to the iteration lines")
+    eval_interval: int | None = _f(None, "logging", "validation loss every N steps (data.json val_dataset / "
+                                                    "val_rate)", ge=1)
+    eval_iters: int = _f(0, "logging", "global batches per validation (0: no validation)", ge=0)
 
     @model_validator(mode="after")
     def _check(self):
-        for name in ("micro_batch_size", "seq_length", "train_iters", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.global_batch_size is not None and self.global_batch_size < self.micro_batch_size:
-            raise ValueError("--global-batch-size must be >= --micro-batch-size")
-        if self.lr_warmup_fraction is not None and not 0 <= self.lr_warmup_fraction <= 1:
-            raise ValueError("--lr-warmup-fraction must be in [0, 1]")
+            raise ValueError(f"--global-batch-size {self.global_batch_size}: must be >= --micro-batch-size "
+                             f"{self.micro_batch_size}")
         if self.min_lr > self.lr:
-            raise ValueError("--min-lr must be <= --lr")
+            raise ValueError(f"--min-lr {self.min_lr}: must be <= --lr {self.lr}; lower --min-lr")
         if self.calculate_per_sample_loss and self.calculate_per_token_loss:
             raise ValueError("--calculate-per-sample-loss and --calculate-per-token-loss exclude each other; "
                              "give one")
         if self.save_interval is not None and self.save is None:
-            raise ValueError("--save-interval needs --save")
+            raise ValueError("--save-interval needs --save; add --save DIR or remove --save-interval")
         return self
 
     @property
@@ -127,49 +144,149 @@ NOT_YET: dict[str, bool] = {
 }
 
 
+# NOT_YET flags by help group: the group's title says what is missing
+NOT_YET_GROUPS = {
+    "LoRA (not implemented in this version: refused)": ("lora-target-modules", "lora-r", "lora-alpha",
+                                                        "lora-dropout", "load-base-model"),
+    "DPO (not implemented in this version: refused)": ("dpo-beta", "dpo-loss-type", "dpo-label-smoothing",
+                                                       "pref-ftx", "ref-model"),
+    "other refused flags": ("hetero-parallel", "fp16"),
+}
+
+
+def add_launcher_args(p: argparse.ArgumentParser) -> None:
+    """`omnitune train`'s own flags: how many processes, on how many nodes (torchrun's launcher,
+    run inside `omnitune train`). The underscore spellings are torchrun's."""
+    g = p.add_argument_group("launcher (omnitune train only; finetune_*.sh give them to torchrun)")
+    g.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1, metavar="N",
+                   help="processes (devices) per node [default: 1]")
+    g.add_argument("--nnodes", type=int, default=1, metavar="M", help="number of nodes [default: 1]")
+    g.add_argument("--node-rank", "--node_rank", type=int, default=0, metavar="R",
+                   help="this node's rank, 0..nnodes-1 [default: 0]")
+    g.add_argument("--master-addr", "--master_addr", default=None, metavar="HOST",
+                   help="address of the node-rank-0 host (needed with --nnodes > 1)")
+    g.add_argument("--master-port", "--master_port", type=int, default=None, metavar="PORT",
+                   help="rendezvous port [default: a free port]")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps help lines at spaces only, so a flag named in a description stays whole."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse would exit(2); we raise so callers can report uniformly
-        raise ConfigError(message.replace("unrecognized arguments", "unknown flag(s)"))
+        if message.startswith("unrecognized arguments: "):
+            raise ConfigError(f"{message.split(': ', 1)[1]}: unknown flag; {HELP_HINT} for the accepted flags")
+        if message.startswith("argument "):   # "argument --lr: expected one argument"
+            flag, _, what = message[len("argument "):].partition(": ")
+            flag = flag.split("/")[0]
+            raise ConfigError(f"{flag}: {what.replace('expected one argument', 'expected a value')}; {HELP_HINT}")
+        raise ConfigError(f"{message}; {HELP_HINT}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="omnitune.train", allow_abbrev=False,
-                description="Fine-tune a Qwen multimodal model (MindSpeed-MM compatible flags).")
+def _default_text(field) -> str:
+    if field.is_required():
+        return ""
+    d = field.default
+    if d is None or d is False:
+        return ""
+    return f" [default: {d}]"
+
+
+def _metavar(name: str, field) -> str:
+    """What the value looks like in --help: N (integer), X (number), {a,b} (choices), a name."""
+    ann = str(field.annotation)
+    if "Literal" in ann:
+        return "{" + ",".join(field.annotation.__args__) + "}"
+    if "int" in ann:
+        return "N"
+    if "float" in ann:
+        return "X"
+    return {"mm_data": "DATA_JSON", "mm_model": "MODEL_JSON"}.get(name, "DIR" if name in ("load", "save") else "NAME")
+
+
+def build_parser(prog: str = "omnitune.train", launcher: bool = False) -> argparse.ArgumentParser:
+    """The training flags, grouped for --help; ``launcher`` adds `omnitune train`'s process flags
+    (help only: cmd_train parses them itself)."""
+    usage = (f"{prog} {'[--nproc-per-node N] [--nnodes M ...] ' if launcher else ''}--mm-data DATA_JSON "
+             f"--mm-model MODEL_JSON --train-iters N [flags]")
+    p = _Parser(prog=prog, allow_abbrev=False, usage=usage, formatter_class=_Formatter,
+                description="Fine-tune a Qwen multimodal model with MindSpeed-MM's flags, data.json and "
+                            f"model.json. Every flag, key and the checkpoint layout: {REFERENCE}.")
+    groups = {g: p.add_argument_group(g) for g in GROUPS}
     for name, field in TrainArgs.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        ann = field.annotation
-        if ann is bool:
-            p.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS)
+        group = groups[field.json_schema_extra["group"]]
+        text = field.description + _default_text(field)
+        if field.annotation is bool:
+            group.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=text)
         else:
-            p.add_argument(flag, dest=name, default=argparse.SUPPRESS)
-    for prefix, table in (("ignored__", IGNORED_FLAGS), ("notyet__", NOT_YET)):
-        for flag, takes in table.items():
-            p.add_argument("--" + flag, dest=prefix + flag, action="store" if takes else "store_true",
-                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("--dry-run", dest="dry_run__", action="store_true", default=False,
-                   help="validate configs, print the plan, do not train")
+            group.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=text, metavar=_metavar(name, field))
+    groups["misc"].add_argument("--dry-run", dest="dry_run__", action="store_true", default=False,
+                                help="check the configs and the layout as the run does, print the plan "
+                                     "(mesh, memory per rank); do not train")
+    if launcher:
+        add_launcher_args(p)
+    ign = p.add_argument_group("ignored Megatron flags (accepted from the seed scripts; no effect: structure "
+                               "comes from model.json + config.json)")
+    for flag, takes in IGNORED_FLAGS.items():
+        ign.add_argument("--" + flag, dest="ignored__" + flag, default=argparse.SUPPRESS, help="accepted, no effect",
+                         **({"metavar": "X"} if takes else {"action": "store_true"}))
+    for title, flags in NOT_YET_GROUPS.items():
+        g = p.add_argument_group(title)
+        for flag in flags:
+            g.add_argument("--" + flag, dest="notyet__" + flag, default=argparse.SUPPRESS,
+                           help="refused: not implemented in this version",
+                           **({"metavar": "X"} if NOT_YET[flag] else {"action": "store_true"}))
     return p
 
 
+def _join_negative_numbers(p: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--weight-decay -1e-2`` -> ``--weight-decay=-1e-2``: argparse takes a value like -1e-2 for a
+    flag and reports "expected one argument"; joined, the range check names the real problem."""
+    takes = {s for a in p._actions if a.nargs is None and a.option_strings for s in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in takes and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{tok}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def parse_train_args(argv: list[str]) -> tuple[TrainArgs, list[str], bool]:
-    """Return (args, ignored flag names, dry_run). Raises ConfigError naming the bad flag."""
-    ns = vars(build_parser().parse_args(argv))
+    """Return (args, ignored flag names, dry_run). Raises ConfigError naming the bad flag as typed."""
+    p = build_parser()
+    ns = vars(p.parse_args(_join_negative_numbers(p, argv)))
     dry_run = ns.pop("dry_run__")
     ignored = sorted(k.split("__", 1)[1] for k in ns if k.startswith("ignored__"))
     notyet = sorted(k.split("__", 1)[1] for k in ns if k.startswith("notyet__"))
     if notyet:
-        raise ConfigError(f"--{notyet[0]} is not implemented in this version of omnitune "
-                          f"(remove the flag; planned: LoRA, DPO, hetero parallel)")
+        raise ConfigError(f"--{notyet[0]} is not implemented in this version of omnitune; remove the flag "
+                          f"(planned: LoRA, DPO, hetero parallel)")
     values = {k: v for k, v in ns.items() if "__" not in k}
     for name in ("mm_data", "mm_model", "train_iters"):
         if name not in values:
-            raise ConfigError(f"--{name.replace('_', '-')} is required")
+            raise ConfigError(f"{flag_of(name)}: is required; add {flag_of(name)} "
+                              f"{'N' if name == 'train_iters' else 'FILE'}")
     try:
         args = TrainArgs.model_validate(values)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, "flags")) from None
+        raise ConfigError(format_validation_error(e, "flags") + f"; {HELP_HINT}") from None
     if args.virtual_pipeline_model_parallel_size is not None:
-        raise ConfigError("--virtual-pipeline-model-parallel-size is not implemented in this version")
+        raise ConfigError("--virtual-pipeline-model-parallel-size: not implemented in this version; remove it")
     return args, ignored, dry_run
 
 

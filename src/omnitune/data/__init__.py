@@ -1,15 +1,23 @@
 """Data pipeline: formats -> templates -> media -> dataset (cached build, or streaming) -> collator, and the
-resumable sampler."""
+resumable sampler.
+
+The names below are imported when first used (``from omnitune.data import Collator``), so importing
+one light module of the package (``omnitune.data.formats`` for DataError) does not load torch's
+data loader, the dataset and the streaming code at every command's start."""
+import importlib
 from pathlib import Path
 
-from omnitune.data.collator import Collator
-from omnitune.data.dataset import MediaMeta, SampleEncoder, SFTDataset, build_datasets, build_train_dataset
-from omnitune.data.formats import DataError
-from omnitune.data.sampler import MicroBatchSampler
-from omnitune.data.streaming import StreamingSFTDataset, build_streaming_datasets
+_WHERE = {"Collator": "collator", "MediaMeta": "dataset", "SampleEncoder": "dataset", "SFTDataset": "dataset",
+          "build_datasets": "dataset", "build_train_dataset": "dataset", "DataError": "formats",
+          "MicroBatchSampler": "sampler", "StreamingSFTDataset": "streaming", "build_streaming_datasets": "streaming"}
 
-__all__ = ["Collator", "DataError", "MediaMeta", "MicroBatchSampler", "SampleEncoder", "SFTDataset",
-           "StreamingSFTDataset", "build_datasets", "build_streaming_datasets", "build_train_dataset", "demo_data_dir"]
+__all__ = [*sorted(_WHERE), "demo_data_dir"]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"omnitune.data.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'omnitune.data' has no attribute {name!r}")
 
 
 def demo_data_dir() -> Path:

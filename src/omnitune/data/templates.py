@@ -100,6 +100,29 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+# Which templates render each model family (registry name) as its own chat template and processor
+# do. Other pairs can share every special token (qwen3_vl and qwen2vl both use <|vision_start|>,
+# <|image_pad|>) and would train silently on the wrong prompt format, so they are refused.
+FAMILY_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "qwen2_vl": ("qwen2vl",),
+    "qwen2_5_vl": ("qwen2vl",),
+    "qwen2_5_omni": ("qwen2_omni",),
+    "qwen3_vl": ("qwen3_vl", "qwen3_vl_nothink"),
+    "qwen3_vl_moe": ("qwen3_vl", "qwen3_vl_nothink"),
+    "qwen3_omni_moe": ("qwen3_omni", "qwen3_omni_nothink"),
+}
+
+
+def check_template_fits(template: str, family: str, source: str, hf_dir: str) -> None:
+    """Refuse a data.json template that is not one of the model family's (both named)."""
+    from omnitune.config.errors import ConfigError
+
+    fits = FAMILY_TEMPLATES.get(family)
+    if fits is not None and template not in fits:
+        raise ConfigError(f"{source}: basic_parameters.template {template!r} does not fit the model family "
+                          f"{family} ({hf_dir}); use {' or '.join(repr(t) for t in fits)}")
+
+
 def get_template(name: str) -> Template:
     if name not in TEMPLATES:
         raise ValueError(f"template {name!r} is not implemented; known: {sorted(TEMPLATES)}")

@@ -1,5 +1,80 @@
+"""`python -m omnitune.train <flags>`, the seed scripts' `torchrun ... -m omnitune.train <flags>`.
+
+Every worker checks the flags and configs before it starts anything. Under torchrun a bad config
+makes the workers exit with status 2 and no traceback; torchrun then prints its own failure report
+(ChildFailedError), which would bury the reason. So the worker hands its one line to a tiny helper
+process that prints it once torchrun has exited: the reason is the last line of the output (and of
+the seed scripts' `| tee` log). Ranks that hit the same error print it once per node (a marker
+file named after the run, the launcher and the line).
+"""
+import hashlib
+import os
+import subprocess
 import sys
+import tempfile
 
-from omnitune.train.trainer import main
+# waits until the launcher (argv[1], a pid) has exited, at most 120 s, prints argv[2] to stderr and
+# removes the marker argv[3]
+_AFTER_LAUNCHER = """
+import os, sys, time
+pid, line, marker, end = int(sys.argv[1]), sys.argv[2], sys.argv[3], time.monotonic() + 120
+while time.monotonic() < end:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    except PermissionError:
+        pass
+    time.sleep(0.05)
+sys.stderr.write(line + "\\n")
+try:
+    os.unlink(marker)
+except OSError:
+    pass
+"""
 
-sys.exit(main())
+
+def report_config_error(message: str) -> None:
+    """Print ``omnitune: error: <message>``: directly when not under torchrun, else once per node
+    after torchrun's own report."""
+    line = f"omnitune: error: {message}"
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        print(line, file=sys.stderr, flush=True)
+        return
+    launcher = os.getppid()
+    key = hashlib.sha1(f"{os.environ['TORCHELASTIC_RUN_ID']}:{launcher}:{line}".encode()).hexdigest()[:16]
+    marker = os.path.join(tempfile.gettempdir(), f"omnitune-error-{key}")
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:   # another rank of this node reports the same line
+        return
+    subprocess.Popen([sys.executable, "-c", _AFTER_LAUNCHER, str(launcher), line, marker],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+
+
+def main(argv: list[str]) -> int:
+    # the flags first: pydantic only, so a bad flag is reported before torch and transformers load
+    from omnitune.config.errors import ConfigError
+    from omnitune.config.train import parse_train_args
+
+    try:
+        parse_train_args(argv)
+    except ConfigError as e:
+        report_config_error(str(e))
+        return 2
+    from omnitune.data.formats import DataError
+    from omnitune.train.trainer import make_plan, run
+
+    try:
+        plan, dry_run = make_plan(argv)
+        if dry_run:
+            print(plan.describe())
+            return 0
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        report_config_error(str(e))
+        return 2
+    return run(plan, report=report_config_error)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """Causal-LM loss from hidden states: logits = hidden @ lm_head, cross-entropy on the next token,
 labels -100 ignored. Logits are computed in fp32 as Hugging Face does.
 
-Loss types (SPEC section 7; model.json ``loss_cfg.loss_type`` or --calculate-per-*-loss). Each is
+Loss types (docs/reference.md; model.json ``loss_cfg.loss_type`` or --calculate-per-*-loss). Each is
 one weighted sum of token losses over the whole global batch, ``L = sum_i w_i * l_i``, with the
 weights fixed before any backward from counts taken up front (:func:`token_weights`):
 

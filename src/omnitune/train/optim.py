@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from omnitune.config.errors import ConfigError
+
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     eps: float, allow_empty: bool) -> torch.optim.Optimizer | None:
@@ -19,7 +21,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     if not decay and not no_decay:
         if allow_empty:
             return None
-        raise ValueError("every parameter is frozen (model.json freeze flags): nothing to train. "
+        raise ConfigError("every parameter is frozen (model.json freeze flags): nothing to train. "
                          "Unfreeze a module or pass --enable-dummy-optimizer.")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]

@@ -158,13 +158,38 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
                           f"preprocess_parameters.model_name_or_path) has no config.json: {hf_dir}")
     hf_config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
     family = family_for_folder_and_model_id(hf_config, hf_dir, model_cfg.model_id, args.mm_model)
+    from omnitune.data.templates import check_template_fits
+    check_template_fits(data_cfg.dataset_param.basic_parameters.template, family.name, args.mm_data, hf_dir)
     check_against_hf_config(model_cfg, family, hf_config, args.mm_model)
     dims.check_model(family.parallel_sizes(hf_config))
     if load_kind == "none":
         # Nothing else given: train from the original HF weights (seed: init_from_hf_path).
         load_kind, load_path = "hf", hf_dir
-    return Plan(args, data_cfg, model_cfg, family, hf_dir, hf_config, load_kind, load_path, ignored,
-                dims, grad_acc), dry_run
+    plan = Plan(args, data_cfg, model_cfg, family, hf_dir, hf_config, load_kind, load_path, ignored, dims, grad_acc)
+    if dry_run:
+        preflight(plan)
+    return plan, dry_run
+
+
+def preflight(plan: Plan) -> None:
+    """The start-up checks of :class:`Trainer` that need the processor or the model's modules, run
+    for --dry-run without weights or data: data.json against the processor (template tokens,
+    audio rate, use_audio_in_video), model.json's per-module settings on a meta-device model
+    (recompute, attention, fused MoE, router aux loss), and "every module frozen". Samples are not
+    read here (`omnitune data inspect` builds and decodes them)."""
+    from transformers import AutoProcessor
+
+    from omnitune.data.dataset import SampleEncoder
+    from omnitune.train.model import build_meta_model
+
+    processor = AutoProcessor.from_pretrained(plan.hf_dir, trust_remote_code=False)
+    SampleEncoder(plan.data_cfg, processor)
+    model = build_meta_model(plan.family, plan.hf_config)
+    apply_freeze(model, plan.family, {n for n, m in plan.model_cfg.modules().items() if m.freeze})
+    if not plan.args.enable_dummy_optimizer and not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"{plan.args.mm_model}: every module is frozen (freeze: true): nothing to train; "
+                          f"unfreeze a module or pass --enable-dummy-optimizer")
+    TrainModel(model, plan.family, plan.model_cfg)
 
 
 def family_for_folder_and_model_id(hf_config, hf_dir, model_id: str, source: str):
@@ -476,8 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     return run(plan)
 
 
-def run(plan: Plan) -> int:
-    """Train a checked plan in this process (one rank of a torchrun job, or a one-rank group)."""
+def _print_error(message: str) -> None:
+    print(f"omnitune: error: {message}", file=sys.stderr)
+
+
+def run(plan: Plan, report=_print_error) -> int:
+    """Train a checked plan in this process (one rank of a torchrun job, or a one-rank group).
+    ``report`` prints a ConfigError / DataError (`python -m omnitune.train`: after torchrun's report)."""
     from omnitune.parallel.mesh import init_distributed, shutdown
 
     d = init_distributed(plan.args.distributed_timeout_minutes)
@@ -487,7 +517,7 @@ def run(plan: Plan) -> int:
         trainer = Trainer(plan, d)
         trainer.fit()
     except (ConfigError, DataError) as e:
-        print(f"omnitune: error: {e}", file=sys.stderr)
+        report(str(e))
         return 2
     finally:
         shutdown()

@@ -9,7 +9,10 @@ preprocessing cache of ``cache_dir`` is reused or filled), then prints:
 - one sample as text: trained tokens inside ``[[...]]``, runs of media pad tokens folded to
   ``<|image_pad|>x64``; preference pairs (attr.ranking) show the chosen and the rejected sequence.
 
-Media are not decoded: everything comes from the build step (headers, grids, lengths).
+The counts come from the build step (headers, grids, lengths); then every sample's media are
+decoded exactly as training decodes them (the processor's pixel values, video frames, audio
+features), so a file whose header reads but whose data does not (a truncated JPEG) is refused here
+naming the sample and the file, as training would refuse it. ``--no-decode`` skips that and says so.
 """
 from __future__ import annotations
 
@@ -165,9 +168,37 @@ def render_index(ds, index: int) -> list[str]:
     return lines
 
 
-def inspect_data(data_json: str, seq_length: int | None = None, index: int = 0) -> str:
+def decode_media(ds) -> str:
+    """Decode every sample's media as training does (``SampleEncoder.media``); a DataError names
+    the sample and the file. Returns the report line."""
+    t0 = time.perf_counter()
+    n = 0
+    for meta in ds.media:
+        if meta.has_media:
+            ds.encoder.media(meta)
+            n += 1
+    return f"decoded        : the media of {_n(n, 'sample')}, as training decodes them ({time.perf_counter() - t0:.1f} s)"
+
+
+def _check_family(cfg, hf_dir: str, source: str) -> None:
+    """The template must be one of the model family's, as training checks (unknown folders pass:
+    training names the problem when it reads them)."""
+    from transformers import AutoConfig
+
+    from omnitune.data.templates import check_template_fits
+    from omnitune.models.registry import family_for_hf_config
+
+    try:
+        family = family_for_hf_config(AutoConfig.from_pretrained(hf_dir, trust_remote_code=False))
+    except (OSError, ValueError):
+        return
+    check_template_fits(cfg.dataset_param.basic_parameters.template, family.name, source, hf_dir)
+
+
+def inspect_data(data_json: str, seq_length: int | None = None, index: int = 0, decode: bool = True) -> str:
     """The report of ``data_json``; ``seq_length`` as the training --seq-length (default:
-    cutoff_len when set, else 1024); the limit is min(seq_length, cutoff_len) as in training."""
+    cutoff_len when set, else 1024); the limit is min(seq_length, cutoff_len) as in training.
+    ``decode``: decode every sample's media as training will (else the report says they were not)."""
     from transformers import AutoProcessor
 
     from omnitune.config.data import load_data_config, unsupported_features
@@ -181,6 +212,7 @@ def inspect_data(data_json: str, seq_length: int | None = None, index: int = 0) 
                          f"processor tokenizes the data)")
     if seq_length is None:
         seq_length = bp.cutoff_len or DEFAULT_SEQ_LENGTH
+    _check_family(cfg, hf_dir, data_json)
     processor = AutoProcessor.from_pretrained(hf_dir, trust_remote_code=False)
     started = time.time()
     t0 = time.perf_counter()
@@ -195,6 +227,8 @@ def inspect_data(data_json: str, seq_length: int | None = None, index: int = 0) 
         + ("; streaming: true trains from the same samples read lazily" if bp.streaming else ""),
         *(f"trainer refuses: {p}" for p in unsupported_features(cfg)),
         *summarize(ds),
+        decode_media(ds) if decode else "decoded        : no (--no-decode): a media file that does not decode "
+                                        "stops training when it reads that sample",
         *render_index(ds, index),
     ]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""LLaVA-Instruct json -> mllm json (SPEC section 5), as MindSpeed-MM's
+"""LLaVA-Instruct json -> mllm json (images + messages; see docs/reference.md), as MindSpeed-MM's
 examples/qwen2vl/llava_instruct_2_mllm_demo_format.py does, with a report of skipped items.
 
 Input items: {id, image?, conversations: [{from: human|gpt, value}]}. Output: one JSON array of

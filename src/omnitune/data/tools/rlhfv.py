@@ -1,4 +1,4 @@
-"""RLHF-V (HF dataset folder or parquet files) -> DPO pairs json (SPEC section 5), like
+"""RLHF-V (HF dataset folder or parquet files) -> DPO pairs json (attr.ranking, docs/reference.md), like
 MindSpeed-MM's examples/qwen2vl/rlhfv_2_sharegpt_demo_format.py, with a report of skipped items.
 
 Input rows: conversations [{from, value}], chosen {from, value}, rejected {from, value},

@@ -6,7 +6,7 @@ HF names are the on-disk (transformers 4.x style) ones: ``visual.blocks.{i}...``
 ``model.layers.{i}...``, ``model.embed_tokens``, ``lm_head``. Folders written with the newer
 ``model.visual.`` / ``model.language_model.`` prefixes are normalised on read and restored on write.
 
-Fusions (see SPEC section 2):
+Fusions (as MindSpeed-MM's converters write them):
 - LLM q/k/v (weight and bias) -> ``linear_qkv`` interleaved per KV group [q_g, k_g, v_g];
 - LLM gate/up -> ``linear_fc1`` = cat([gate, up]);
 - ViT fused qkv: HF [q | k | v] re-laid per head [q_h, k_h, v_h].
