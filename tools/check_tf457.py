@@ -8,7 +8,7 @@ Run it with the side venv's python (no omnitune import; only torch, transformers
         random), runs one forward on an image + text prompt (Omni: the thinker). Prints one JSON line
         per folder; exit 1 when any folder fails.
 
-    /work/venv457/bin/python tools/check_tf457.py resave SRC DST
+    /work/venv457/bin/python tools/check_tf457.py resave SRC DST [SRC DST ...]
         DST = SRC written by this transformers: SRC's weights and settings, its config.json adapted
         (transformers 5's ``rope_parameters`` -> ``rope_scaling``), tokenizer and processors rebuilt
         from SRC's files. Use it to make a test input that transformers 4.57 itself saved (a folder
@@ -215,9 +215,10 @@ def main(argv: list[str]) -> int:
                 failed += 1
                 print(json.dumps({"folder": f, "ok": False, "error": _one_line(e)}), flush=True)
         return 1 if failed else 0
-    if len(argv) == 3 and argv[0] == "resave":
-        resave(Path(argv[1]), Path(argv[2]))
-        print(json.dumps({"resaved": argv[2]}))
+    if len(argv) >= 3 and len(argv) % 2 == 1 and argv[0] == "resave":
+        for src, dst in zip(argv[1::2], argv[2::2]):
+            resave(Path(src), Path(dst))
+            print(json.dumps({"resaved": dst}), flush=True)
         return 0
     print(__doc__, file=sys.stderr)
     return 2
