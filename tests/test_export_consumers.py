@@ -227,3 +227,34 @@ def test_transformers_457_loads_exports_of_folders_it_saved(tmp_path, tiny_model
     print("\n".join(json.dumps(x) for x in results))
     assert len(results) == len(outs) and all(x["ok"] for x in results), (r.stdout, r.stderr[-3000:])
     assert all(x["transformers"].startswith("4.") for x in results)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_omni_moe"])
+def test_export_is_the_original_folder_with_trained_weights(family, tiny_model_dir, tmp_path):
+    """The other families: same files, names and order; every non-weight file byte for byte
+    (Qwen3-Omni: the full folder, talker and code2wav untouched)."""
+    from omnitune.models.registry import get_family
+
+    hf = tiny_model_dir(family)
+    save = make_save(family, hf, tmp_path / "save")
+    assert cli_main(["export", "--load", str(save), "--save", str(tmp_path / "export")]) == 0
+    assert_is_original_with_trained_weights(tmp_path / "export", hf, get_family(family).folder_prefix or "")
+
+
+def test_export_keeps_the_hub_layout_of_stacked_experts(tiny_model_dir, tmp_path):
+    """A Qwen3-VL-MoE folder in the transformers 4.x / Hub layout (experts [E, in, out]; transformers
+    5 transposes them on load): the export writes the trained experts back in that layout."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_model_dir("qwen3_vl_moe")
+    hub = tmp_path / "hub"
+    shutil.copytree(src, hub)
+    sd = load_file(src / "model.safetensors")
+    flipped = {k: (t.transpose(1, 2).contiguous() if ".experts." in k and t.dim() == 3 else t) for k, t in sd.items()}
+    assert any(flipped[k].shape != sd[k].shape for k in sd)
+    save_file(flipped, str(hub / "model.safetensors"), metadata={"format": "pt"})
+    save = make_save("qwen3_vl_moe", hub, tmp_path / "save")
+    assert cli_main(["export", "--load", str(save), "--save", str(tmp_path / "export")]) == 0
+    assert_is_original_with_trained_weights(tmp_path / "export", hub, "")

@@ -119,10 +119,14 @@ def _write_layout(trained, orig, src_of: dict[str, str], original: Path, out: Pa
     from omnitune.convert.stream import SafetensorsWriter
 
     total = 0
+    flip = set()
     for fname, keys in orig.file_keys.items():
         metas = {}
         for k in keys:
             m = trained.meta(src_of[k]) if k in src_of else orig.meta(k)
+            if _transposed_experts(k, m, orig.meta(k)):
+                flip.add(k)
+                m = m.transpose(1, 2)
             if tuple(m.shape) != tuple(orig.meta(k).shape):
                 raise RuntimeError(f"trained {k!r} is {tuple(m.shape)} but {original} has {tuple(orig.meta(k).shape)}: "
                                    f"is --model-assets the folder training started from?")
@@ -130,9 +134,19 @@ def _write_layout(trained, orig, src_of: dict[str, str], original: Path, out: Pa
             total += m.numel() * m.element_size()
         w = SafetensorsWriter(out / fname, metas, orig.file_meta.get(fname) or {"format": "pt"})
         for k in keys:
-            w.write(k, trained.read(src_of[k]) if k in src_of else orig.read(k))
+            t = trained.read(src_of[k]) if k in src_of else orig.read(k)
+            w.write(k, t.transpose(1, 2).contiguous() if k in flip else t)
         w.close()
     _write_index(original, out, orig, total)
+
+
+def _transposed_experts(key: str, trained, original) -> bool:
+    """Stacked MoE experts stored the other way round: transformers 5 keeps Qwen3-VL-MoE's
+    ``experts.gate_up_proj`` / ``down_proj`` as [E, out, in] and reads the 4.x layout [E, in, out]
+    (the Hub's) by transposing dims 1, 2 when the shapes differ; the export turns them back, so the
+    folder keeps the layout its config and its consumers expect."""
+    return (".experts." in key and trained.dim() == 3 and tuple(trained.shape) != tuple(original.shape)
+            and tuple(trained.transpose(1, 2).shape) == tuple(original.shape))
 
 
 def _write_index(original: Path, out: Path, orig, total: int) -> None:
