@@ -267,3 +267,27 @@ def test_export_keeps_the_hub_layout_of_stacked_experts(tiny_model_dir, tmp_path
     save = make_save("qwen3_vl_moe", hub, tmp_path / "save")
     assert cli_main(["export", "--load", str(save), "--save", str(tmp_path / "export")]) == 0
     assert_is_original_with_trained_weights(tmp_path / "export", hub, "")
+
+
+def test_a_wrong_original_folder_is_refused_naming_the_flag(saves, tmp_path, capsys):
+    """Omni: a --model-assets / hf_config.hf_dir whose thinker lacks a tensor of the checkpoint is
+    refused (exit 2, one line naming the flag as typed), nothing written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    hf, save = saves("qwen2_5_omni")
+    bad = tmp_path / "bad"
+    shutil.copytree(hf, bad)
+    sd = load_file(hf / "model.safetensors")
+    dropped = next(k for k in sd if k.startswith("thinker.model.layers.0."))
+    save_file({k: t for k, t in sd.items() if k != dropped}, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    assert cli_main(["export", "--load", str(save), "--save", str(tmp_path / "e"), "--model-assets", str(bad)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"omnitune: error: --model-assets {bad}: the trained thinker and this folder disagree "
+                           f"on 1 tensor names") and last.endswith("pass the folder training started from")
+    assert mm_to_hf("qwen2_5_omni", save, bad, tmp_path / "m") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"mm-convert: error: hf_config.hf_dir={bad}: the trained thinker")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "m").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -94,15 +94,15 @@ def write_like_original(trainable, prefix: str, original: Path, out: Path) -> No
     orig = SafetensorsIndex(original)
     try:
         if not orig.keys():
-            raise FileNotFoundError(f"{original}: no *.safetensors weights")
+            raise FileNotFoundError(f"--model-assets {original}: no *.safetensors weights; pass the original HF folder")
         rename = {k: (k if k.startswith(prefix) else prefix + k) for k in trained.keys()}
         src_of = {new: old for old, new in rename.items()}
         wanted = {k for k in orig.keys() if k.startswith(prefix)}
         if set(src_of) != wanted:
             diff = sorted(set(src_of) ^ wanted)
             if prefix:
-                raise RuntimeError(f"the trained {prefix.rstrip('.')} and {original} disagree on {len(diff)} tensor "
-                                   f"names, e.g. {diff[:3]}: is --model-assets the folder training started from?")
+                raise ValueError(f"--model-assets {original}: the trained {prefix.rstrip('.')} and this folder disagree "
+                                 f"on {len(diff)} tensor names (e.g. {diff[:3]}); pass the folder training started from")
             _keep_staged_layout(staging, out, diff)
         else:
             _write_layout(trained, orig, src_of, original, out)
@@ -128,8 +128,8 @@ def _write_layout(trained, orig, src_of: dict[str, str], original: Path, out: Pa
                 flip.add(k)
                 m = m.transpose(1, 2)
             if tuple(m.shape) != tuple(orig.meta(k).shape):
-                raise RuntimeError(f"trained {k!r} is {tuple(m.shape)} but {original} has {tuple(orig.meta(k).shape)}: "
-                                   f"is --model-assets the folder training started from?")
+                raise ValueError(f"--model-assets {original}: {k!r} is {tuple(orig.meta(k).shape)} there but "
+                                 f"{tuple(m.shape)} in the checkpoint; pass the folder training started from")
             metas[k] = m
             total += m.numel() * m.element_size()
         w = SafetensorsWriter(out / fname, metas, orig.file_meta.get(fname) or {"format": "pt"})

@@ -190,8 +190,15 @@ def _export(ckpt: Path, out: Path, hf_dir: Path, field_name: str) -> None:
 
     try:
         export_hf(ckpt, out, hf_dir, overwrite=True)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise L.ConvertError(f"{field_name}={ckpt}: {str(e).splitlines()[0]}") from e
+    except (FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if msg.startswith("--model-assets "):   # name the flag as the mm-convert user typed it
+            msg = "hf_config.hf_dir=" + msg.removeprefix("--model-assets ")
+        elif msg.startswith("--load "):
+            msg = f"{field_name}=" + msg.removeprefix("--load ")
+        else:
+            msg = f"{field_name}={ckpt}: {msg}"
+        raise L.ConvertError(msg) from e
 
 
 def _training_save_to_hf(cfg: MmToHfConfig, ckpt: Path, family: Optional[str]) -> None:
