@@ -291,3 +291,29 @@ def test_a_wrong_original_folder_is_refused_naming_the_flag(saves, tmp_path, cap
     assert last.startswith(f"mm-convert: error: hf_config.hf_dir={bad}: the trained thinker")
     assert not (tmp_path / "e").exists() and not (tmp_path / "m").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_an_original_with_other_tensor_names_keeps_transformers_weight_files(saves, tmp_path, capsys):
+    """A non-Omni original whose names are not what transformers saves (here: one renamed) cannot be
+    laid out tensor for tensor: the export says so and keeps transformers' own weight files, still
+    with the original's config and tokenizer files; transformers loads it with the trained weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2VLForConditionalGeneration
+
+    hf, save = saves("qwen2_vl")
+    odd = tmp_path / "odd"
+    shutil.copytree(hf, odd)
+    sd = load_file(hf / "model.safetensors")
+    k0 = next(iter(sd))
+    sd["renamed." + k0] = sd.pop(k0)
+    save_file(sd, str(odd / "model.safetensors"), metadata={"format": "pt"})
+    assert cli_main(["export", "--load", str(save), "--save", str(tmp_path / "e"), "--model-assets", str(odd)]) == 0
+    assert "omnitune: warning: the trained tensor names differ" in capsys.readouterr().err
+    assert (tmp_path / "e" / "config.json").read_bytes() == (odd / "config.json").read_bytes()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "e", dtype=torch.float32)
+    ref = Qwen2VLForConditionalGeneration.from_pretrained(hf, dtype=torch.float32)
+    w = dict(model.named_parameters())
+    assert all(torch.equal(w[k], p + SHIFT) for k, p in ref.named_parameters())
+    assert not (tmp_path / "e" / ".trainable").exists()

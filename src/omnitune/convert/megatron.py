@@ -170,7 +170,7 @@ def training_save(path: Path) -> Optional[Path]:
     return d if (d / ".metadata").is_file() else None
 
 
-def _check_family(hf_dir: Path, family: Optional[str], converter: str) -> None:
+def _check_family(hf_dir: Path, family: Optional[str]) -> None:
     """The HF folder must be the converter's family (a save dir of another family would fail deep in
     the DCP load)."""
     if family is None:
@@ -205,7 +205,7 @@ def _training_save_to_hf(cfg: MmToHfConfig, ckpt: Path, family: Optional[str]) -
     """An omnitune save dir (DCP, layout-free): the same folder ``omnitune export`` writes;
     parallel_config is not needed."""
     hf_dir = Path(cfg.hf_config.hf_dir)
-    _check_family(hf_dir, family, "mm_to_hf")
+    _check_family(hf_dir, family)
     L.check_output_dir(cfg.save_hf_dir, cfg.overwrite, "save_hf_dir")
     print(f"mm-convert: mm_dir={cfg.mm_dir} is an omnitune training save ({ckpt.name}, DCP, layout-free): "
           f"parallel_config is ignored; writing what `omnitune export --load {cfg.mm_dir} --save "
@@ -231,7 +231,7 @@ def _training_save_to_mm(km: ModuleType, cfg: ResplitConfig, ckpt: Path, family:
     sizes = hf_sizes(km, hf_dir)
     dst = cfg.target_parallel_config
     L.validate_layout(dst, km.modules(sizes), "target_parallel_config", divisible=km.tp_divisibility(sizes))
-    _check_family(hf_dir, family, "resplit")
+    _check_family(hf_dir, family)
     L.check_output_dir(cfg.target_dir, cfg.overwrite, "target_dir")
     print(f"mm-convert: source_dir={cfg.source_dir} is an omnitune training save ({ckpt.name}, DCP, layout-free): "
           f"source_parallel_config is ignored; writing target_parallel_config's layout from it", file=sys.stderr)
