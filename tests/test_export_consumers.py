@@ -191,6 +191,16 @@ def test_save_dir_errors_name_the_folder_and_the_fix(tiny_model_dir, saves, tmp_
                     f"layout-free) whose original HF folder is unknown; add --cfg.hf_config.hf_dir "
                     f"<original HF folder>")
     assert not (tmp_path / "t").exists()
+    # a save dir whose latest_checkpointed_iteration.txt names a missing iteration
+    import shutil
+    stale = tmp_path / "stale"
+    shutil.copytree(save, stale)
+    (stale / "latest_checkpointed_iteration.txt").write_text("9")
+    assert mm_to_hf("qwen2_vl", stale, hf, tmp_path / "out") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"mm-convert: error: {stale} is an omnitune training save, but its latest_checkpointed_iteration.txt "
+                    f"names '9', which is not a complete checkpoint there; write one of its iterations (3) into it")
+    assert not (tmp_path / "out").exists()
     # a non-empty output is refused before any work
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")

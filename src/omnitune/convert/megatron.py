@@ -160,14 +160,21 @@ def training_save(path: Path) -> Optional[Path]:
         return p
     if not (p / ckpt_io.LATEST).is_file():
         return None
-    text = (p / ckpt_io.LATEST).read_text().strip()
+    text = (p / ckpt_io.LATEST).read_text(errors="replace").strip()
     if text == "release":
         d = p / "release"
     elif text.isdigit():
         d = p / ckpt_io.iter_dir_name(int(text))
     else:
-        return None
-    return d if (d / ".metadata").is_file() else None
+        d = None
+    if d is not None and (d / ".metadata").is_file():
+        return d
+    complete = sorted(x.name for x in p.glob("iter_*") if (x / ".metadata").is_file())
+    if complete:  # a save dir whose pointer is wrong: not a Megatron folder either
+        raise L.ConvertError(f"{p} is an omnitune training save, but its {ckpt_io.LATEST} names {text[:40]!r}, which "
+                             f"is not a complete checkpoint there; write one of its iterations "
+                             f"({', '.join(str(int(n[5:])) for n in complete[-3:] if n[5:].isdigit())}) into it")
+    return None
 
 
 def _check_family(hf_dir: Path, family: Optional[str]) -> None:
