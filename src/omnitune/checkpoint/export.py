@@ -1,25 +1,25 @@
 """Training checkpoint (DCP) -> Hugging Face folder that plain ``transformers`` loads.
 
-Weights go through the HF class's own ``save_pretrained`` (safetensors, HF key names); the
-processor/tokenizer/chat-template files and generation config come from ``--model-assets`` (the
-original HF folder). Written to a temp folder and renamed at the end.
+The folder is the original HF folder (``--model-assets``) with its weights replaced: the same
+safetensors files holding the same tensor names in the same order, and every other file (config.json,
+generation_config.json, tokenizer, processor, chat template, Qwen2.5-Omni's spk_dict.pt ...) copied
+byte for byte. Nothing is re-saved through the installed transformers: a folder that transformers
+4.57 (vLLM, LLaMA-Factory, MindSpeed-MM) loads still loads there after export, whichever transformers
+trained it. Written to a temp folder and renamed at the end.
 
-Omni families train the thinker only; their export is a FULL folder again: the trained
-``thinker.*`` tensors plus every other tensor (talker, vocoder) copied untouched from the original
-folder, the original config.json and the family's extra files (Qwen2.5-Omni: spk_dict.pt).
+Omni families train the thinker only; their export is a FULL folder again: the trained ``thinker.*``
+tensors plus every other tensor (talker, vocoder) copied untouched from the original folder.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from omnitune.checkpoint import dcp as ckpt_io
 from omnitune.fsutil import atomic_dir
 
-# files of an HF folder that are weights or written by save_pretrained itself
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_SKIP = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _INDEX = "model.safetensors.index.json"
 
 
@@ -44,82 +44,130 @@ def export_hf(load: str | Path, save: str | Path, model_assets: str | Path | Non
     ckpt_io.check_save_dir(save)
     config = AutoConfig.from_pretrained(assets, trust_remote_code=False)
     family = family_for_hf_config(config)
+    for name in family.folder_extra_files:
+        if not (assets / name).is_file():
+            raise FileNotFoundError(f"--model-assets {assets}: {name} is missing; a {family.hf_full_class_name} "
+                                    f"folder needs it (copy it from the original model folder)")
     model = load_hf_model(family, None, config, init_weights=False)
     ckpt_io.load_model_weights_from_dcp(ckpt, model)
     with atomic_dir(save) as tmp:
-        for f in sorted(assets.iterdir()):
-            if f.is_file() and f.name not in _SKIP and not f.name.endswith(_WEIGHT_SUFFIXES):
-                shutil.copy2(f, tmp / f.name)
-        for name in family.folder_extra_files:
-            if not (assets / name).is_file():
-                raise FileNotFoundError(f"--model-assets {assets}: {name} is missing; a {family.hf_full_class_name} "
-                                        f"folder needs it (copy it from the original model folder)")
-            shutil.copy2(assets / name, tmp / name)
-        if family.folder_prefix:
-            write_full_folder(model, family.folder_prefix, assets, Path(tmp))
-        else:
-            model.save_pretrained(tmp)
+        write_like_original(model, family.folder_prefix or "", assets, Path(tmp))
     return save
 
 
-def _weight_files(folder: Path) -> list[tuple[Path, list[str]]]:
-    """(safetensors file, its keys) of an HF folder, sharded or not."""
-    from safetensors import safe_open
-
-    index = folder / _INDEX
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / n for n in names]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
-    out = []
-    for f in files:
-        with safe_open(str(f), "pt") as s:
-            out.append((f, list(s.keys())))
-    return out
+# ------------------------------------------------------------------------------------ file copy
+def is_weight_file(rel: Path) -> bool:
+    """Files of an HF folder that hold (or index) the model weights: replaced, never copied.
+    Other ``.pt`` / ``.bin`` files (spk_dict.pt ...) are assets and copied."""
+    n = rel.name
+    return (n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
+            or (n.startswith("pytorch_model") and (n.endswith(".bin") or n.endswith(".bin.index.json"))))
 
 
-def write_full_folder(trainable, prefix: str, original: Path, out: Path) -> None:
-    """Weights of a full Omni folder in ``out``: ``trainable`` (the thinker, saved by its own
-    save_pretrained, its keys put under ``prefix``) + every tensor of ``original`` outside ``prefix``,
-    copied bit for bit; the original config.json. Shard per source file, with an index."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+def copy_assets(original: Path, out: Path) -> list[str]:
+    """Every non-weight file of ``original`` (subfolders too, hidden folders such as .cache not) into
+    ``out``, byte for byte. Returns the relative paths copied."""
+    copied = []
+    for item in sorted(original.rglob("*")):
+        rel = item.relative_to(original)
+        if not item.is_file() or is_weight_file(rel) or any(p.startswith(".") for p in rel.parts[:-1]):
+            continue
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(item, out / rel)
+        copied.append(str(rel))
+    return copied
+
+
+def write_like_original(trainable, prefix: str, original: Path, out: Path) -> None:
+    """``out`` = ``original`` with the weights of ``trainable`` (the trained model; Omni: the thinker,
+    whose keys go under ``prefix``) in place of its own: same safetensors files, tensor names and
+    order; tensors outside ``prefix`` copied bit for bit; every other file copied (copy_assets).
+
+    The trained tensors are named as on disk by the model's own ``save_pretrained`` (staged in a
+    hidden subfolder, then streamed tensor by tensor into the final files). When those names are not
+    the original folder's (a non-Omni folder saved with another naming), the folder keeps
+    save_pretrained's weight files, still with the original's config and other files."""
+    from omnitune.convert.stream import SafetensorsIndex
 
     staging = out / ".trainable"
-    # small shards: each is read back whole below, while the trained model is still in memory
-    trainable.save_pretrained(staging, max_shard_size="2GB")
-    # (file, {name in that file: name in the full folder}); the thinker saved on its own names its
-    # tensors without the prefix (or with it, when loaded from a full folder): add it where missing
-    sources: list[tuple[Path, dict[str, str]]] = []
-    for f, keys in _weight_files(staging):
-        sources.append((f, {k: k if k.startswith(prefix) else prefix + k for k in keys}))
-    trained = {v for _, names in sources for v in names.values()}
-    original_keys = set()
-    for f, keys in _weight_files(original):
-        original_keys |= {k for k in keys if k.startswith(prefix)}
-        rest = [k for k in keys if not k.startswith(prefix)]
-        if rest:
-            sources.append((f, {k: k for k in rest}))
-    if trained != original_keys:
-        diff = sorted(trained ^ original_keys)
-        raise RuntimeError(f"the trained {prefix.rstrip('.')} and {original} disagree on {len(diff)} tensor names, "
-                           f"e.g. {diff[:3]}: is --model-assets the folder training started from?")
-    weight_map, total = {}, 0
-    n = len(sources)
-    for i, (f, names) in enumerate(sources, start=1):
-        name = f"model-{i:05d}-of-{n:05d}.safetensors"
-        with safe_open(str(f), "pt") as s:
-            tensors = {new: s.get_tensor(old) for old, new in names.items()}
-            meta = s.metadata() or {}
-        save_file(tensors, str(out / name), metadata={"format": meta.get("format", "pt")})
-        for k, t in tensors.items():
-            weight_map[k] = name
-            total += t.numel() * t.element_size()
-        del tensors
-    (out / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                         indent=2, sort_keys=True))
-    shutil.copy2(original / "config.json", out / "config.json")
-    shutil.rmtree(staging)
+    trainable.save_pretrained(staging)
+    trained = SafetensorsIndex(staging)
+    orig = SafetensorsIndex(original)
+    try:
+        if not orig.keys():
+            raise FileNotFoundError(f"--model-assets {original}: no *.safetensors weights; pass the original HF folder")
+        rename = {k: (k if k.startswith(prefix) else prefix + k) for k in trained.keys()}
+        src_of = {new: old for old, new in rename.items()}
+        wanted = {k for k in orig.keys() if k.startswith(prefix)}
+        if set(src_of) != wanted:
+            diff = sorted(set(src_of) ^ wanted)
+            if prefix:
+                raise ValueError(f"--model-assets {original}: the trained {prefix.rstrip('.')} and this folder disagree "
+                                 f"on {len(diff)} tensor names (e.g. {diff[:3]}); pass the folder training started from")
+            _keep_staged_layout(staging, out, diff)
+        else:
+            _write_layout(trained, orig, src_of, original, out)
+        copy_assets(original, out)
+    finally:
+        trained.close()
+        orig.close()
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_layout(trained, orig, src_of: dict[str, str], original: Path, out: Path) -> None:
+    """One output file per original file, same names in the same order; the trained tensor where
+    there is one (its shape must be the original's: the copied config.json describes it)."""
+    from omnitune.convert.stream import SafetensorsWriter
+
+    total = 0
+    flip = set()
+    for fname, keys in orig.file_keys.items():
+        metas = {}
+        for k in keys:
+            m = trained.meta(src_of[k]) if k in src_of else orig.meta(k)
+            if _transposed_experts(k, m, orig.meta(k)):
+                flip.add(k)
+                m = m.transpose(1, 2)
+            if tuple(m.shape) != tuple(orig.meta(k).shape):
+                raise ValueError(f"--model-assets {original}: {k!r} is {tuple(orig.meta(k).shape)} there but "
+                                 f"{tuple(m.shape)} in the checkpoint; pass the folder training started from")
+            metas[k] = m
+            total += m.numel() * m.element_size()
+        w = SafetensorsWriter(out / fname, metas, orig.file_meta.get(fname) or {"format": "pt"})
+        for k in keys:
+            t = trained.read(src_of[k]) if k in src_of else orig.read(k)
+            w.write(k, t.transpose(1, 2).contiguous() if k in flip else t)
+        w.close()
+    _write_index(original, out, orig, total)
+
+
+def _transposed_experts(key: str, trained, original) -> bool:
+    """Stacked MoE experts stored the other way round: transformers 5 keeps Qwen3-VL-MoE's
+    ``experts.gate_up_proj`` / ``down_proj`` as [E, out, in] and reads the 4.x layout [E, in, out]
+    (the Hub's) by transposing dims 1, 2 when the shapes differ; the export turns them back, so the
+    folder keeps the layout its config and its consumers expect."""
+    return (".experts." in key and trained.dim() == 3 and tuple(trained.shape) != tuple(original.shape)
+            and tuple(trained.transpose(1, 2).shape) == tuple(original.shape))
+
+
+def _write_index(original: Path, out: Path, orig, total: int) -> None:
+    """The original's index, byte for byte when its total size still holds (same dtypes), else the
+    same weight map with the new total; none when the original has none."""
+    src = original / _INDEX
+    if not src.is_file():
+        return
+    index = json.loads(src.read_text())
+    if index.get("metadata", {}).get("total_size") == total:
+        shutil.copyfile(src, out / _INDEX)
+        return
+    index.setdefault("metadata", {})["total_size"] = total
+    index["weight_map"] = {k: orig.file_of(k) for k in orig.keys()}
+    (out / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _keep_staged_layout(staging: Path, out: Path, diff: list[str]) -> None:
+    print(f"omnitune: warning: the trained tensor names differ from the original folder's (e.g. {diff[:3]}); "
+          f"the export keeps transformers' own weight files", file=sys.stderr)
+    for f in staging.iterdir():
+        if is_weight_file(Path(f.name)):
+            shutil.move(str(f), out / f.name)

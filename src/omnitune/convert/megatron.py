@@ -101,8 +101,11 @@ def hf_to_mm(km: ModuleType, cfg: HfToMmConfig) -> None:
     E.run_to_mm(src, E.MmSink(par, mods, km), cfg.mm_dir, "hf_to_mm")
 
 
-def mm_to_hf(km: ModuleType, cfg: MmToHfConfig) -> None:
+def mm_to_hf(km: ModuleType, cfg: MmToHfConfig, family: Optional[str] = None) -> None:
     sizes = hf_sizes(km, cfg.hf_config.hf_dir)
+    ckpt = training_save(cfg.mm_dir)
+    if ckpt is not None:
+        return _training_save_to_hf(cfg, ckpt, family)
     par = cfg.parallel_config
     mods = km.modules(sizes)
     L.validate_layout(par, mods, divisible=km.tp_divisibility(sizes))
@@ -111,7 +114,10 @@ def mm_to_hf(km: ModuleType, cfg: MmToHfConfig) -> None:
     E.mm_to_hf(source, km, sizes, cfg.hf_config.hf_dir, cfg.save_hf_dir, f"mm_dir={cfg.mm_dir}")
 
 
-def resplit(km: ModuleType, cfg: ResplitConfig) -> None:
+def resplit(km: ModuleType, cfg: ResplitConfig, family: Optional[str] = None) -> None:
+    ckpt = training_save(cfg.source_dir)
+    if ckpt is not None:
+        return _training_save_to_mm(km, cfg, ckpt, family)
     src, dst = cfg.source_parallel_config, cfg.target_parallel_config
     for name in ("llm_pp_layers", "vit_pp_layers", "audio_pp_layers"):
         a, b = getattr(src, name), getattr(dst, name)
@@ -142,20 +148,126 @@ def resplit(km: ModuleType, cfg: ResplitConfig) -> None:
         raise L.ConvertError(f"target_parallel_config: {e}") from e
 
 
-def make_converter(class_name: str, km: ModuleType, doc: str) -> type:
-    """A converter class for the CLI: static methods hf_to_mm / mm_to_hf / resplit bound to ``km``."""
+# ------------------------------------------------------------------------------------ omnitune saves
+def training_save(path: Path) -> Optional[Path]:
+    """The DCP iteration folder when ``path`` is an omnitune training save dir (``iter_XXXXXXX/`` +
+    latest_checkpointed_iteration.txt) or one of its iteration folders; None for anything else (a
+    Megatron folder's ``release/`` holds ``mp_rank_*`` folders, no DCP ``.metadata``)."""
+    from omnitune.checkpoint import dcp as ckpt_io
+
+    p = Path(path)
+    if (p / ".metadata").is_file():
+        return p
+    if not (p / ckpt_io.LATEST).is_file():
+        return None
+    text = (p / ckpt_io.LATEST).read_text(errors="replace").strip()
+    if text == "release":
+        d = p / "release"
+    elif text.isdigit():
+        d = p / ckpt_io.iter_dir_name(int(text))
+    else:
+        d = None
+    if d is not None and (d / ".metadata").is_file():
+        return d
+    complete = sorted(x.name for x in p.glob("iter_*") if (x / ".metadata").is_file())
+    if complete:  # a save dir whose pointer is wrong: not a Megatron folder either
+        raise L.ConvertError(f"{p} is an omnitune training save, but its {ckpt_io.LATEST} names {text[:40]!r}, which "
+                             f"is not a complete checkpoint there; write one of its iterations "
+                             f"({', '.join(str(int(n[5:])) for n in complete[-3:] if n[5:].isdigit())}) into it")
+    return None
+
+
+def _check_family(hf_dir: Path, family: Optional[str]) -> None:
+    """The HF folder must be the converter's family (a save dir of another family would fail deep in
+    the DCP load)."""
+    if family is None:
+        return
+    from transformers import AutoConfig
+
+    from omnitune.models.registry import family_for_hf_config
+
+    got = family_for_hf_config(AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)).name
+    if got != family:
+        raise L.ConvertError(f"hf_config.hf_dir={hf_dir} is a {got} model, not {family}; use the {got} converter "
+                             f"(mm-convert --help lists them)")
+
+
+def _export(ckpt: Path, out: Path, hf_dir: Path, field_name: str) -> None:
+    from omnitune.checkpoint.export import export_hf
+
+    try:
+        export_hf(ckpt, out, hf_dir, overwrite=True)
+    except (FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if msg.startswith("--model-assets "):   # name the flag as the mm-convert user typed it
+            msg = "hf_config.hf_dir=" + msg.removeprefix("--model-assets ")
+        elif msg.startswith("--load "):
+            msg = f"{field_name}=" + msg.removeprefix("--load ")
+        else:
+            msg = f"{field_name}={ckpt}: {msg}"
+        raise L.ConvertError(msg) from e
+
+
+def _training_save_to_hf(cfg: MmToHfConfig, ckpt: Path, family: Optional[str]) -> None:
+    """An omnitune save dir (DCP, layout-free): the same folder ``omnitune export`` writes;
+    parallel_config is not needed."""
+    hf_dir = Path(cfg.hf_config.hf_dir)
+    _check_family(hf_dir, family)
+    L.check_output_dir(cfg.save_hf_dir, cfg.overwrite, "save_hf_dir")
+    print(f"mm-convert: mm_dir={cfg.mm_dir} is an omnitune training save ({ckpt.name}, DCP, layout-free): "
+          f"parallel_config is ignored; writing what `omnitune export --load {cfg.mm_dir} --save "
+          f"{cfg.save_hf_dir} --model-assets {hf_dir}` writes", file=sys.stderr)
+    _export(ckpt, Path(cfg.save_hf_dir), hf_dir, "mm_dir")
+
+
+def _training_save_to_mm(km: ModuleType, cfg: ResplitConfig, ckpt: Path, family: Optional[str]) -> None:
+    """An omnitune save dir -> the Megatron layout target_parallel_config: exported to a temp HF
+    folder (as ``omnitune export``), then hf_to_mm from it. Needs the original HF folder for its
+    config and file layout: hf_config.hf_dir, else the one the training run recorded."""
+    import shutil
+    import tempfile
+
+    from omnitune.checkpoint import dcp as ckpt_io
+
+    hf = cfg.hf_config.hf_dir if cfg.hf_config is not None else ckpt_io.read_trainer_state(ckpt).get("hf_dir")
+    if not hf or not (Path(hf) / "config.json").is_file():
+        raise L.ConvertError(f"source_dir={cfg.source_dir} is an omnitune training save ({ckpt.name}, DCP, "
+                             f"layout-free) whose original HF folder is unknown; add --cfg.hf_config.hf_dir "
+                             f"<original HF folder>")
+    hf_dir = Path(hf)
+    sizes = hf_sizes(km, hf_dir)
+    dst = cfg.target_parallel_config
+    L.validate_layout(dst, km.modules(sizes), "target_parallel_config", divisible=km.tp_divisibility(sizes))
+    _check_family(hf_dir, family)
+    L.check_output_dir(cfg.target_dir, cfg.overwrite, "target_dir")
+    print(f"mm-convert: source_dir={cfg.source_dir} is an omnitune training save ({ckpt.name}, DCP, layout-free): "
+          f"source_parallel_config is ignored; writing target_parallel_config's layout from it", file=sys.stderr)
+    target = Path(cfg.target_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=target.name + ".hf-", dir=target.parent))
+    try:
+        _export(ckpt, scratch / "hf", hf_dir, "source_dir")
+        hf_to_mm(km, HfToMmConfig(mm_dir=target, hf_config=HfConfig(hf_dir=scratch / "hf"), parallel_config=dst,
+                                  overwrite=cfg.overwrite))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def make_converter(class_name: str, km: ModuleType, doc: str, family: Optional[str] = None) -> type:
+    """A converter class for the CLI: static methods hf_to_mm / mm_to_hf / resplit bound to ``km``;
+    ``family`` (registry name) is checked when mm_to_hf / resplit read an omnitune save dir."""
 
     def _hf_to_mm(cfg: HfToMmConfig) -> None:
         """Hugging Face folder -> mm checkpoint (TP/PP/VPP split)."""
         hf_to_mm(km, cfg)
 
     def _mm_to_hf(cfg: MmToHfConfig) -> None:
-        """mm checkpoint -> Hugging Face folder."""
-        mm_to_hf(km, cfg)
+        """mm checkpoint (or an omnitune training save dir) -> Hugging Face folder."""
+        mm_to_hf(km, cfg, family)
 
     def _resplit(cfg: ResplitConfig) -> None:
-        """mm checkpoint -> mm checkpoint with another TP/PP layout."""
-        resplit(km, cfg)
+        """mm checkpoint (or an omnitune training save dir) -> mm checkpoint with another TP/PP layout."""
+        resplit(km, cfg, family)
 
     for f, n in ((_hf_to_mm, "hf_to_mm"), (_mm_to_hf, "mm_to_hf"), (_resplit, "resplit")):
         f.__name__ = n

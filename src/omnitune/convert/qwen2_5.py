@@ -8,9 +8,10 @@ from omnitune.convert.megatron import make_converter
 from omnitune.models.qwen2_5_omni.keymap import KEYMAP as OMNI
 from omnitune.models.qwen2_5_vl.keymap import KEYMAP as VL
 
-Qwen2_5_VLConverter = make_converter("Qwen2_5_VLConverter", VL, "Qwen2.5-VL: Hugging Face <-> MindSpeed-MM checkpoints.")
+Qwen2_5_VLConverter = make_converter("Qwen2_5_VLConverter", VL, "Qwen2.5-VL: Hugging Face <-> MindSpeed-MM checkpoints.",
+                                     family="qwen2_5_vl")
 Qwen2_5_OmniConverter = make_converter(
     "Qwen2_5_OmniConverter", OMNI,
-    "Qwen2.5-Omni: Hugging Face (full model) <-> MindSpeed-MM checkpoints (thinker: vision, audio, LLM).")
+    "Qwen2.5-Omni: Hugging Face (full model) <-> MindSpeed-MM checkpoints (thinker: vision, audio, LLM).", family="qwen2_5_omni")
 
 CONVERTERS = [Qwen2_5_VLConverter, Qwen2_5_OmniConverter]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from omnitune.convert.megatron import HfConfig, HfToMmConfig, MmToHfConfig, ResplitConfig, make_converter  # noqa: F401
 from omnitune.models.qwen2_vl import keymap as K
 
-Qwen2VLConverter = make_converter("Qwen2VLConverter", K, "Qwen2-VL: Hugging Face <-> MindSpeed-MM checkpoints.")
+Qwen2VLConverter = make_converter("Qwen2VLConverter", K, "Qwen2-VL: Hugging Face <-> MindSpeed-MM checkpoints.",
+                                  family="qwen2_vl")
 
 CONVERTERS = [Qwen2VLConverter]
