@@ -280,6 +280,27 @@ def test_garbage_latest_is_named_by_mm_convert(tiny_model_dir, tmp_path, capsys)
     assert f"{root / LATEST} holds 'five', not an iteration number" in msg
 
 
+@pytest.mark.parametrize("op", ["mm_to_hf", "resplit"])
+def test_garbage_latest_is_named_by_mm_to_hf_and_resplit(tiny_model_dir, tmp_path, capsys, op):
+    """The Megatron-layout readers check latest_checkpointed_iteration.txt the same way."""
+    root = tmp_path / "mm"
+    root.mkdir()
+    (root / LATEST).write_bytes(b"\xffgarbage\n")
+    hf = str(tiny_model_dir("qwen2_vl"))
+    out = ["--cfg.save_hf_dir", str(tmp_path / "o")] if op == "mm_to_hf" else \
+        ["--cfg.target_dir", str(tmp_path / "o"), "--cfg.target_parallel_config.tp_size", "1",
+         "--cfg.target_parallel_config.llm_pp_layers", "[2]", "--cfg.target_parallel_config.vit_pp_layers", "[2]"]
+    src = ["--cfg.mm_dir", str(root)] if op == "mm_to_hf" else ["--cfg.source_dir", str(root)]
+    pc = "parallel_config" if op == "mm_to_hf" else "source_parallel_config"
+    rc = mm_convert(["Qwen2VLConverter", op, *src, "--cfg.hf_config.hf_dir", hf,
+                     f"--cfg.{pc}.tp_size", "1", f"--cfg.{pc}.llm_pp_layers", "[2]",
+                     f"--cfg.{pc}.vit_pp_layers", "[2]", *out])
+    assert rc == 2
+    msg = _one_line_error(capsys, "mm-convert: error: ")
+    assert "not an iteration number" in msg and str(root / LATEST) in msg
+    assert not (tmp_path / "o").exists()
+
+
 def test_data_file_outside_the_folder_is_refused(tmp_path):
     """A .metadata whose entries point outside the checkpoint folder (../) is not read."""
     import dataclasses

@@ -439,7 +439,10 @@ def mm_iteration_dir(mm_dir: Path, field_name: str) -> Path:
     latest = mm_dir / LATEST_TXT
     if not latest.is_file():
         raise ConvertError(f"{field_name}={mm_dir}: no {LATEST_TXT}; not an mm checkpoint folder")
-    it = latest.read_text().strip()
+    it = latest.read_bytes().decode("utf-8", "replace").strip()
+    if it != "release" and not it.isdigit():
+        raise ConvertError(f"{field_name}={mm_dir}: {latest} holds {it[:40]!r}, not an iteration number or "
+                           f"'release'; write the number of a complete iter_* folder into it")
     d = mm_dir / (it if it == "release" else f"iter_{int(it):07d}")
     if not d.is_dir():
         raise ConvertError(f"{field_name}={mm_dir}: {LATEST_TXT} names {it!r} but {d} does not exist")
