@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from omnitune.cli.plot import cmd_plot
+
 
 def _free_port() -> int:
     from omnitune.parallel.mesh import _free_port as fp
@@ -170,18 +172,19 @@ def cmd_tiny_model(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
-    from omnitune.cli.demo import run_demo
+    from omnitune.cli.demo import DEMO_TRAIN_ITERS, run_demo
 
     p = argparse.ArgumentParser(prog="omnitune demo", description="Tiny model + bundled data: train, export, generate")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--nproc-per-node", type=int, default=1)
-    p.add_argument("--train-iters", type=int, default=80)
+    p.add_argument("--train-iters", type=int, default=None,
+                   help="training steps (default: the demo's, enough to answer every bundled question)")
     a = p.parse_args(argv)
-    return run_demo(a.out, a.nproc_per_node, a.train_iters)
+    return run_demo(a.out, a.nproc_per_node, a.train_iters or DEMO_TRAIN_ITERS)
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "generate": cmd_generate, "data": cmd_data,
-            "tiny-model": cmd_tiny_model, "demo": cmd_demo}
+            "tiny-model": cmd_tiny_model, "demo": cmd_demo, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
               "  generate    greedy reply from an HF folder (--image, --prompt)\n"
               "  data        llava-to-mllm, rlhfv-to-dpo converters; inspect a data.json\n"
               "  demo        tiny model + bundled data: train, export, reload, generate\n"
+              "  plot        redraw a training save dir's metrics.png (loss, lr, tokens/s)\n"
               "  tiny-model  write a random-weight HF folder for tests", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])

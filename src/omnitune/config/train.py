@@ -63,6 +63,15 @@ class TrainArgs(BaseModel):
     log_tps: bool = False
     eval_interval: int | None = None
     eval_iters: int = 0
+    # progress, dashboards and plots (train/report.py)
+    #: no tqdm progress bar (it is shown on rank 0 only when stderr is a terminal)
+    no_progress_bar: bool = False
+    #: TensorBoard event files go here (default: <--save>/tensorboard; none without --save)
+    tensorboard_dir: str | None = None
+    #: log the scalars to this Weights & Biases project (when wandb is installed; skipped otherwise)
+    wandb_project: str | None = None
+    #: the Weights & Biases run name (default: wandb's)
+    wandb_exp_name: str | None = None
     # misc
     num_workers: int = 0
     distributed_timeout_minutes: int = 10
