@@ -45,6 +45,23 @@ def test_progress_bar_one_line_with_eta_only_on_a_terminal(capsys):
     assert piped.getvalue() == "" and off.file.getvalue() == ""
 
 
+class _FakeWandb:
+    """Records what the trainer hands to the ``wandb`` module (the package is not installed here)."""
+
+    def __init__(self):
+        self.init_kwargs, self.logged, self.finished = None, [], False
+
+    def init(self, **kwargs):
+        self.init_kwargs = kwargs
+        return self
+
+    def log(self, values, step):
+        self.logged.append((step, dict(values)))
+
+    def finish(self):
+        self.finished = True
+
+
 def _scalars(tb_dir, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -69,9 +86,15 @@ def test_run_writes_events_plot_summary_and_resume_keeps_each_iteration_once(tin
     flags = train_flags(data_json, model_json, iters=4, save=save, load=tiny_qwen2vl, mbs=2, gbs=2,
                         extra=["--save-interval", "2", "--eval-interval", "2", "--eval-iters", "1",
                                "--seq-length", "256"])
-    assert cli_main(["train", *flags]) == 0
+    wandb = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)   # W&B installed and asked for
+    assert cli_main(["train", *flags, "--wandb-project", "demo", "--wandb-exp-name", "run1"]) == 0
     out = capfd.readouterr().out
     assert "[summary] iterations 1..4 (4 steps)" in out and "omnitune plot" in out
+    assert wandb.init_kwargs["project"] == "demo" and wandb.init_kwargs["name"] == "run1"
+    assert wandb.init_kwargs["config"]["train_iters"] == 4
+    assert [step for step, v in wandb.logged if "train/loss" in v] == [1, 2, 3, 4]
+    assert [step for step, v in wandb.logged if "val/loss" in v] == [2, 4] and wandb.finished
 
     # a crash after the step-2 checkpoint: steps 3, 4 were logged, the run restarts from 2
     shutil.rmtree(save / "iter_0000004")

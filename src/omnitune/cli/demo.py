@@ -18,17 +18,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# One micro-batch of 8 per step: on a CPU the step time is mostly the vocabulary-sized work
-# (embedding/lm_head gradients, AdamW over 10M parameters), not the number of samples.
+# One micro-batch of 16 per step: on a CPU the step time is mostly the vocabulary-sized work
+# (embedding/lm_head gradients, AdamW over 10M parameters), not the number of samples, so a
+# large batch and a high learning rate buy the fewest steps.
 DEMO_TRAIN_ITERS = 60
-DEMO_FLAGS = ["--micro-batch-size", "8", "--global-batch-size", "8", "--seq-length", "256",
-              "--lr", "1e-2", "--min-lr", "1e-3", "--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.1",
+DEMO_FLAGS = ["--micro-batch-size", "16", "--global-batch-size", "16", "--seq-length", "256",
+              "--lr", "2e-2", "--min-lr", "1e-3", "--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.1",
               "--weight-decay", "0.0", "--clip-grad", "1.0", "--seed", "42"]
 
 
 @dataclass
 class Question:
-    """One bundled question: the first user turn (with its image, if any) and the expected reply."""
+    """One bundled question: the first user turn as in demo.json (``<image>`` placeholder
+    included), its image if any, and the expected reply."""
     prompt: str
     image: str | None
     expected: str
@@ -71,14 +73,26 @@ def demo_questions() -> list[Question]:
     seen, out = set(), []
     for s in json.loads((root / "demo.json").read_text()):
         image = str(root / s["images"][0]) if s.get("images") else None
-        prompt = s["messages"][0]["content"].replace("<image>", "").strip()
+        prompt = s["messages"][0]["content"]
         if (prompt, image) not in seen:
             seen.add((prompt, image))
             out.append(Question(prompt, image, s["messages"][1]["content"].strip()))
     return out
 
 
-def answer_questions(model_dir: str | Path, questions: list[Question], max_new_tokens: int = 16) -> list[str]:
+def prompt_text(question: Question, template: str = "qwen2vl") -> str:
+    """The question as training rendered it (data.json's template: system prompt, the image's
+    place and the newline after it), up to the assistant header; the processor expands the one
+    image pad token to the image's count. The model answers the prompts it was trained on."""
+    from omnitune.data.templates import get_template, render
+
+    t = get_template(template)
+    segments = render(t, [{"role": "user", "content": question.prompt}, {"role": "assistant", "content": ""}],
+                      [1] if question.image else [])
+    return "".join(text for text, _ in segments[:-1])
+
+
+def answer_questions(model_dir: str | Path, questions: list[Question], max_new_tokens: int = 12) -> list[str]:
     """Greedy replies of the HF folder ``model_dir`` (loaded once with plain transformers)."""
     import torch
     from PIL import Image
@@ -89,9 +103,7 @@ def answer_questions(model_dir: str | Path, questions: list[Question], max_new_t
                                                         trust_remote_code=False).eval()
     replies = []
     for q in questions:
-        content = ([{"type": "image"}] if q.image else []) + [{"type": "text", "text": q.prompt}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = prompt_text(q)
         images = [Image.open(q.image).convert("RGB")] if q.image else None
         inputs = processor(text=[text], images=images, return_tensors="pt")
         with torch.no_grad():
@@ -104,7 +116,8 @@ def check_answers(model_dir: str | Path, questions: list[Question] | None = None
     """(number correct, one line per wrong answer) for the bundled questions."""
     questions = demo_questions() if questions is None else questions
     replies = answer_questions(model_dir, questions)
-    wrong = [f"{Path(q.image).name if q.image else '(text only)'} {q.prompt!r}: got {r!r}, expected {q.expected!r}"
+    wrong = [f"{Path(q.image).name if q.image else '(text only)'} {q.prompt.replace('<image>', '').strip()!r}: "
+             f"got {r!r}, expected {q.expected!r}"
              for q, r in zip(questions, replies) if r != q.expected]
     return len(questions) - len(wrong), wrong
 

@@ -3,10 +3,9 @@
     python src/omnitune/assets/demo_data/make_demo_data.py
 
 The task is made to be learnt by a tiny random model in a few dozen steps, so `omnitune demo`
-can check every answer: each image is one large, centred, flat-coloured square or circle (four
-far-apart colours) on white, and its answer names colour and shape ("A red square."). A third
-of the samples are text-only questions with fixed answers (the model must tell them apart from
-the image questions).
+can check every answer: each image is one large, centred, flat-coloured square or circle in one
+of four far-apart colours on white, and its answer names colour and shape ("A red square."). A third of the samples are text-only questions with fixed answers (the model
+must tell them apart from the image questions).
 """
 import json
 import random
