@@ -150,11 +150,14 @@ def test_plot_errors_name_the_folder(tmp_path, capsys):
 def test_demo_check_refuses_an_untrained_model(tiny_qwen2vl, capsys):
     from omnitune.cli.demo import demo_questions, report_check
 
-    n = len(demo_questions())
-    assert n == 36   # 32 images + 4 text-only questions
-    assert report_check(tiny_qwen2vl) is False
+    questions = demo_questions()
+    assert len(questions) == 36   # 32 images + 4 text-only questions
+    # a few of them (an untrained model babbles to the token limit: the whole set is slow)
+    some = [next(q for q in questions if q.expected == "A red square."),
+            next(q for q in questions if q.expected == "Hello!")]
+    assert report_check(tiny_qwen2vl, some) is False
     err = capsys.readouterr().err
-    assert "demo FAILED" in err and f"/{n} answers correct" in err
+    assert "demo FAILED: 0/2 answers correct" in err
     assert "expected 'A red square.'" in err and "expected 'Hello!'" in err
 
 

@@ -122,10 +122,11 @@ def check_answers(model_dir: str | Path, questions: list[Question] | None = None
     return len(questions) - len(wrong), wrong
 
 
-def report_check(model_dir: str | Path) -> bool:
-    """Print the check's verdict; True when every bundled question is answered correctly."""
-    n = len(demo_questions())
-    correct, wrong = check_answers(model_dir)
+def report_check(model_dir: str | Path, questions: list[Question] | None = None) -> bool:
+    """Print the check's verdict; True when every (bundled) question is answered correctly."""
+    questions = demo_questions() if questions is None else questions
+    n = len(questions)
+    correct, wrong = check_answers(model_dir, questions)
     if wrong:
         print(f"== demo FAILED: {correct}/{n} answers correct; wrong:", file=sys.stderr)
         for line in wrong:
