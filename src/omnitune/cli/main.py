@@ -9,6 +9,7 @@ import os
 import sys
 
 from omnitune.cli.generate import cmd_chat, cmd_generate  # light: imports the inference code when run
+from omnitune.cli.plot import cmd_plot
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -197,15 +198,16 @@ def cmd_demo(argv: list[str]) -> int:
     p = ArgParser(prog="omnitune demo", description="Tiny model + bundled data: train, export, generate")
     p.add_argument("--out", default="demo_out", help="working folder (model, configs, save dir) [default: %(default)s]")
     p.add_argument("--nproc-per-node", type=int, default=1, help="training processes [default: %(default)s]")
-    p.add_argument("--train-iters", type=int, default=80, help="optimizer steps [default: %(default)s]")
+    p.add_argument("--train-iters", type=int, default=None,
+                   help="optimizer steps [default: the demo's own, enough to answer every bundled question]")
     a = p.parse_args(argv)
-    from omnitune.cli.demo import run_demo
+    from omnitune.cli.demo import DEMO_TRAIN_ITERS, run_demo
 
-    return run_demo(a.out, a.nproc_per_node, a.train_iters)
+    return run_demo(a.out, a.nproc_per_node, a.train_iters or DEMO_TRAIN_ITERS)
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "generate": cmd_generate, "chat": cmd_chat, "data": cmd_data,
-            "tiny-model": cmd_tiny_model, "demo": cmd_demo}
+            "tiny-model": cmd_tiny_model, "demo": cmd_demo, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
               "  chat        interactive session (/image, /video, /audio, /reset, /exit)\n"
               "  data        llava-to-mllm, rlhfv-to-dpo converters; inspect a data.json\n"
               "  demo        tiny model + bundled data: train, export, reload, generate\n"
+              "  plot        redraw a training save dir's metrics.png (loss, lr, tokens/s)\n"
               "  tiny-model  write a random-weight HF folder for tests\n"
               "`omnitune COMMAND --help` lists a command's flags; every flag and config key: docs/reference.md",
               file=sys.stdout if asked else sys.stderr)

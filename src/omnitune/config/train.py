@@ -95,6 +95,13 @@ class TrainArgs(BaseModel):
     eval_interval: int | None = _f(None, "logging", "validation loss every N steps (data.json val_dataset / "
                                                     "val_rate)", ge=1)
     eval_iters: int = _f(0, "logging", "global batches per validation (0: no validation)", ge=0)
+    # progress, dashboards and plots (train/report.py)
+    no_progress_bar: bool = _f(False, "logging", "no tqdm progress bar (shown on rank 0 only when stderr is a terminal)")
+    tensorboard_dir: str | None = _f(None, "logging", "TensorBoard event files go here (default: <--save>/tensorboard; "
+                                                      "none without --save)")
+    wandb_project: str | None = _f(None, "logging", "log the scalars to this Weights & Biases project (when wandb is "
+                                                    "installed; skipped with a note otherwise)")
+    wandb_exp_name: str | None = _f(None, "logging", "the Weights & Biases run name (default: wandb's)")
 
     @model_validator(mode="after")
     def _check(self):

@@ -321,8 +321,17 @@ class Trainer:
             len(self.dataset), a.micro_batch_size, self.gbs, dims.dp_rank, dims.dp,
             shuffle=dl.shuffle, seed=a.seed, drop_last=dl.drop_last,
             consumed_samples=self.consumed)
+        self.logger = self._make_logger()
+
+    def _make_logger(self) -> Logger:
+        """Megatron lines + metrics.jsonl, and the progress bar / TensorBoard / W&B the flags ask for."""
+        a = self.args
         metrics_file = Path(a.save) / "metrics.jsonl" if a.save else None
-        self.logger = Logger(dist_ctx.is_main, a.train_iters, log_tps=a.log_tps, metrics_file=metrics_file)
+        tb_dir = a.tensorboard_dir or (str(Path(a.save) / "tensorboard") if a.save else None)
+        return Logger(self.d.is_main, a.train_iters, log_tps=a.log_tps, metrics_file=metrics_file,
+                      start_iteration=self.iteration, progress_bar=not a.no_progress_bar, tensorboard_dir=tb_dir,
+                      wandb_project=a.wandb_project, wandb_name=a.wandb_exp_name,
+                      run_config=a.model_dump() if a.wandb_project else None)
 
     def _layout(self) -> dict:
         d = self.dims
@@ -330,7 +339,11 @@ class Trainer:
 
     def log(self, msg: str) -> None:
         if self.d.is_main:
-            print(msg, flush=True)
+            logger = getattr(self, "logger", None)
+            if logger is not None:   # above the progress bar
+                logger.write(msg)
+            else:
+                print(msg, flush=True)
 
     # --------------------------------------------------------------------------------- step
     def train_step(self, micro_batches: list[dict]) -> dict:
@@ -396,6 +409,16 @@ class Trainer:
         stop_at = a.train_iters
         if a.exit_interval:
             stop_at = min(stop_at, (self.iteration // a.exit_interval + 1) * a.exit_interval)
+        try:
+            losses = self._fit_loop(stop_at)
+        finally:
+            self.logger.close()
+        return losses
+
+    def _fit_loop(self, stop_at: int) -> list[float]:
+        from omnitune.train.report import peak_memory_per_rank
+
+        a = self.args
         loader_iter = iter(self._train_loader())
         losses = []
         self.model.train()
@@ -422,7 +445,7 @@ class Trainer:
                 self.save()
         if a.save and (not a.save_interval or self.iteration % a.save_interval != 0):
             self.save()
-        self.logger.finish()
+        self.logger.finish(self.iteration, peak_memory_per_rank(self.d.device))
         return losses
 
     def _train_loader(self):

@@ -2,8 +2,10 @@
 
     python src/omnitune/assets/demo_data/make_demo_data.py
 
-Image samples ask about a coloured shape on a plain background (answers are learnable from the
-pixels); about a third of the samples are text-only arithmetic questions.
+The task is made to be learnt by a tiny random model in a few dozen steps, so `omnitune demo`
+can check every answer: each image is one large, centred, flat-coloured square or circle in one
+of four far-apart colours on white, and its answer names colour and shape ("A red square."). A third of the samples are text-only questions with fixed answers (the model
+must tell them apart from the image questions).
 """
 import json
 import random
@@ -12,44 +14,49 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 HERE = Path(__file__).resolve().parent
-COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
+COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 40, 230), "yellow": (245, 225, 20)}
 SHAPES = ["square", "circle"]
+QUESTIONS = ["<image>What is in the picture?", "<image>\nWhat do you see?"]
+TEXT_ONLY = {"Who are you?": "I am a tiny demo model.",
+             "Which colors do you know?": "Red, green, blue and yellow.",
+             "Which shapes do you know?": "Squares and circles.",
+             "Say hello.": "Hello!"}
 
 
 def draw(shape: str, color: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """The shape fills ~90% of the short side, centred with a jitter of a few pixels."""
     w, h = size
-    img = Image.new("RGB", size, (245, 245, 240))
-    d = ImageDraw.Draw(img)
-    s = min(w, h) // 2
-    x, y = rng.randint(2, w - s - 2), rng.randint(2, h - s - 2)
+    img = Image.new("RGB", size, (255, 255, 255))
+    s = int(min(w, h) * 0.9)
+    x = (w - s) // 2 + rng.randint(-2, 2)
+    y = (h - s) // 2 + rng.randint(-2, 2)
     box = (x, y, x + s, y + s)
+    d = ImageDraw.Draw(img)
     (d.rectangle if shape == "square" else d.ellipse)(box, fill=COLORS[color])
     return img
 
 
 def main() -> None:
     rng = random.Random(0)
-    (HERE / "images").mkdir(exist_ok=True)
+    images = HERE / "images"
+    images.mkdir(exist_ok=True)
+    for old in images.glob("*.jpg"):
+        old.unlink()
     samples = []
     k = 0
     for shape in SHAPES:
         for color in COLORS:
-            for _ in range(4):
-                size = rng.choice([(56, 56), (84, 56), (112, 84), (112, 112)])
+            for j in range(4):
+                size = [(112, 112), (112, 84)][j % 2]
                 name = f"images/{shape}_{color}_{k:02d}.jpg"
-                draw(shape, color, size, rng).save(HERE / name, quality=85)
-                q = rng.choice([f"<image>What color is the {shape}?", f"<image>\nWhich color does the {shape} have?"])
-                turns = [{"role": "user", "content": q},
-                         {"role": "assistant", "content": f"The {shape} is {color}."}]
-                if k % 5 == 0:  # some two-turn conversations
-                    turns += [{"role": "user", "content": "And what shape is it?"},
-                              {"role": "assistant", "content": f"It is a {shape}."}]
-                samples.append({"images": [name], "messages": turns})
+                draw(shape, color, size, rng).save(HERE / name, quality=90)
+                samples.append({"images": [name], "messages": [
+                    {"role": "user", "content": QUESTIONS[j % len(QUESTIONS)]},
+                    {"role": "assistant", "content": f"A {color} {shape}."}]})
                 k += 1
-    for i in range(16):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        samples.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                     {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
+    for q, a in TEXT_ONLY.items():
+        for _ in range(4):
+            samples.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     rng.shuffle(samples)
     (HERE / "demo.json").write_text(json.dumps(samples, indent=1) + "\n")
     print(f"{len(samples)} samples, {k} images")
