@@ -7,6 +7,10 @@ original HF folder). Written to a temp folder and renamed at the end.
 Omni families train the thinker only; their export is a FULL folder again: the trained
 ``thinker.*`` tensors plus every other tensor (talker, vocoder) copied untouched from the original
 folder, the original config.json and the family's extra files (Qwen2.5-Omni: spk_dict.pt).
+
+A LoRA checkpoint (adapters only) exports either as a peft adapter folder for the base model
+(adapter_config.json + adapter_model.safetensors, the processor files beside them), or with
+``merge_lora`` as a full HF folder: the base weights with the adapters merged in by peft.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ _INDEX = "model.safetensors.index.json"
 
 
 def export_hf(load: str | Path, save: str | Path, model_assets: str | Path | None = None,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, merge_lora: bool = False, base_model: str | Path | None = None) -> Path:
     from transformers import AutoConfig
 
     from omnitune.models.registry import family_for_hf_config
@@ -41,10 +45,19 @@ def export_hf(load: str | Path, save: str | Path, model_assets: str | Path | Non
                                 f"processor files)")
     if save.exists() and any(save.iterdir()) and not overwrite:
         raise FileExistsError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
+    if (merge_lora or base_model) and "lora" not in state:
+        flag = "--merge-lora" if merge_lora else "--load-base-model"
+        raise ValueError(f"{flag}: {ckpt} is a full-training checkpoint (no LoRA adapters); remove {flag}")
     config = AutoConfig.from_pretrained(assets, trust_remote_code=False)
     family = family_for_hf_config(config)
-    model = load_hf_model(family, None, config, init_weights=False)
-    ckpt_io.load_model_weights_from_dcp(ckpt, model)
+    if "lora" in state:
+        model, names, spec, base = _lora_model(ckpt, state["lora"], family, config, base_model)
+        if merge_lora:
+            from omnitune.train.lora import merge_adapters
+            merge_adapters(model)
+    else:
+        model = load_hf_model(family, None, config, init_weights=False)
+        ckpt_io.load_model_weights_from_dcp(ckpt, model)
     with atomic_dir(save) as tmp:
         for f in sorted(assets.iterdir()):
             if f.is_file() and f.name not in _SKIP and not f.name.endswith(_WEIGHT_SUFFIXES):
@@ -54,11 +67,38 @@ def export_hf(load: str | Path, save: str | Path, model_assets: str | Path | Non
                 raise FileNotFoundError(f"--model-assets {assets}: {name} is missing; a {family.hf_full_class_name} "
                                         f"folder needs it (copy it from the original model folder)")
             shutil.copy2(assets / name, tmp / name)
-        if family.folder_prefix:
+        if "lora" in state and not merge_lora:
+            from omnitune.train.lora import write_adapter_folder
+            (Path(tmp) / "config.json").unlink(missing_ok=True)   # an adapter folder is not a model folder
+            write_adapter_folder(model, spec, names, base, Path(tmp), prefix=family.folder_prefix)
+        elif family.folder_prefix:
             write_full_folder(model, family.folder_prefix, assets, Path(tmp))
         else:
             model.save_pretrained(tmp)
     return save
+
+
+def _lora_model(ckpt: Path, saved: dict, family, config, base_model):
+    """The base model of a LoRA checkpoint with its trained adapters on (module paths as in
+    training, so the DCP keys match). The base: ``base_model`` (--load-base-model), else the one the checkpoint records."""
+    from omnitune.checkpoint.mm_load import is_dcp_release, is_mm_checkpoint, load_mm_weights
+    from omnitune.train import lora
+    from omnitune.train.model import load_hf_model
+
+    base = Path(base_model or saved["base"])
+    flag = "--load-base-model" if base_model else f"the base recorded in {ckpt}"
+    if is_mm_checkpoint(base) or is_dcp_release(base):
+        model = load_hf_model(family, None, config, init_weights=False)
+        load_mm_weights(base, family, model)
+    elif (base / "config.json").is_file() and any(base.glob("*.safetensors")):
+        model = load_hf_model(family, str(base), config)
+    else:
+        raise FileNotFoundError(f"{flag} {base}: not an HF folder or mm-convert output; name the base model the "
+                                f"adapters were trained on with --load-base-model DIR")
+    spec = lora.LoraSpec.from_json(saved)
+    lora.apply_lora(model, spec, saved["modules"], seed=0)
+    ckpt_io.load_model_weights_from_dcp(ckpt, model, key_filter=lora.is_adapter_key)
+    return model, saved["modules"], spec, base
 
 
 def _weight_files(folder: Path) -> list[tuple[Path, list[str]]]:
