@@ -121,6 +121,9 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
     from omnitune.parallel.dims import ParallelDims
 
     args, ignored, dry_run = parse_train_args(argv)
+    if args.lora_target_modules:   # LoRA + TP/CP/EP/meta init: refused before the layout checks
+        from omnitune.train.lora import check_layout
+        check_layout(args)
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     dims = ParallelDims.from_args(args, world)
     dims.check_world()
@@ -181,7 +184,7 @@ def _plan_lora(plan: Plan, resume_meta: dict | None) -> None:
     weights; else, resuming, the base the checkpoint records; else the original HF folder). A LoRA
     checkpoint resumes only with the same LoRA flags; a full checkpoint cannot resume as LoRA."""
     from omnitune.checkpoint.mm_load import is_dcp_release, is_mm_checkpoint
-    from omnitune.train.lora import LoraSpec, check_layout
+    from omnitune.train.lora import LoraSpec
 
     a = plan.args
     plan.lora = spec = LoraSpec.from_args(a)
@@ -191,7 +194,6 @@ def _plan_lora(plan: Plan, resume_meta: dict | None) -> None:
             raise ConfigError(f"--load {a.load}: {resume_meta['_ckpt']} holds LoRA adapters only; resume it with "
                               f"the flags it was trained with: {LoraSpec.from_json(saved).flags()}")
         return
-    check_layout(a)
     base = a.load_base_model
     if resume_meta is not None:
         if not saved:
