@@ -202,7 +202,23 @@ def load_base_with_adapters(plan, frozen: set[str]) -> tuple[nn.Module, list[str
         load_mm_weights(path, plan.family, hf)
     apply_freeze(hf, plan.family, frozen)
     names = resolve_targets(hf, plan.family, plan.lora.targets, frozen)
-    return hf, names, apply_lora(hf, plan.lora, names, plan.args.seed)
+    n = apply_lora(hf, plan.lora, names, plan.args.seed)
+    inputs_require_grad(hf, plan.family)
+    return hf, names, n
+
+
+def inputs_require_grad(model: nn.Module, family) -> None:
+    """Make the outputs of the input embeddings (text embed_tokens, the audio tower's input conv,
+    the vision tower's patch_embed) require grad. With every base weight frozen, a layer's input
+    would otherwise require grad on one rank (its micro-batch has an image: vision features with
+    adapter gradients are merged in) and not on another (text only); FSDP2 then runs that layer's
+    gradient reduce-scatter at a different point of the backward on the two ranks, and the
+    collectives deadlock (measured: 2 ranks hung in iteration 3). transformers'
+    ``enable_input_require_grads`` covers the embeddings it knows; the patch embedding is added."""
+    model.enable_input_require_grads()
+    patch = getattr(family.vision_tower(model), "patch_embed", None)
+    if patch is not None and not patch._forward_hooks:
+        patch.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
 
 
 def describe(names: list[str], trainable: int, spec: LoraSpec) -> str:
