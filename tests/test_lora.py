@@ -205,7 +205,7 @@ def test_qwen2vl_lora_base_frozen_resume_exact_adapter_and_merged_export(tiny_qw
     # export: a peft adapter folder, and the merged HF folder
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
     export_hf(straight, adapter)
-    export_hf(straight, merged, merge_lora=True)
+    _merge_lora_script(straight, tiny_qwen2vl, merged, tmp_path)
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
     assert not (adapter / "config.json").exists() and (adapter / "tokenizer.json").is_file()
     batch = _inputs(family_batch("qwen2_vl", n=2, modalities=("image",)))
@@ -229,6 +229,63 @@ def test_qwen2vl_lora_base_frozen_resume_exact_adapter_and_merged_export(tiny_qw
         assert vit and all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in vit)
         assert not torch.equal(f.get_tensor("model.layers.0.self_attn.q_proj.weight"),
                                g.get_tensor("model.layers.0.self_attn.q_proj.weight"))
+
+
+def _merge_lora_script(save, hf_dir, out, tmp_path):
+    """examples/qwen2vl/merge_lora.sh as a user runs it (`omnitune` on PATH)."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    from spine_util import REPO
+
+    bindir = tmp_path / "bin_omnitune"
+    bindir.mkdir()
+    exe = bindir / "omnitune"
+    exe.write_text(f"#!/bin/sh\nexec {sys.executable} -m omnitune.cli.main \"$@\"\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", SAVE_PATH=str(save), HF_PATH=str(hf_dir),
+               OUTPUT_PATH=str(out))
+    r = subprocess.run(["bash", str(REPO / "examples/qwen2vl/merge_lora.sh")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"exported {out}" in r.stdout, r.stdout + r.stderr
+
+
+LORA_SCRIPTS = {("qwen2vl", "2b"): "finetune_qwen2vl_2b_lora.sh", ("qwen2.5vl", "3b"): "finetune_qwen2_5_vl_3b_lora.sh",
+                ("qwen2.5omni", "7b"): "finetune_qwen2_5_omni_7b_lora.sh", ("qwen3vl", "8B"): "finetune_qwen3vl_8B_lora.sh",
+                ("qwen3omni", "30B-A3B"): "finetune_qwen3omni_lora.sh"}
+
+
+@pytest.mark.parametrize("folder,size", list(LORA_SCRIPTS))
+def test_lora_example_scripts_dry_run(folder, size, tmp_path, tiny_model_dir):
+    """Each family's finetune_*_lora.sh with a stand-in `torchrun` (omnitune.train --dry-run)."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    from omnitune.models.registry import family_for_model_id
+    from test_examples import CASES, EXAMPLES, _tiny_configs
+
+    family = family_for_model_id(json.loads((EXAMPLES / folder / CASES[folder, size][1]).read_text())["model_id"])
+    hf_dir = tiny_model_dir(family.name)
+    data_json, model_json = _tiny_configs(folder, size, tmp_path / "cfg", hf_dir)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "torchrun"
+    fake.write_text(f"#!/bin/sh\nwhile [ \"$1\" != \"-m\" ]; do shift; done\nshift 2\n"
+                    f"exec {sys.executable} -m omnitune.train \"$@\" --dry-run\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", NPUS_PER_NODE="1", MM_DATA=str(data_json),
+               MM_MODEL=str(model_json), LOAD_PATH=str(hf_dir), SAVE_PATH=str(tmp_path / "save"))
+    r = subprocess.run(["bash", str(EXAMPLES / folder / LORA_SCRIPTS[folder, size])], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"model      : {family.name}" in r.stdout
+    assert "(linear_qkv linear_proj linear_fc1 linear_fc2), r 8, alpha 16" in r.stdout
+    assert "trainable adapter parameters" in r.stdout and f"lora base  : hf {hf_dir}" in r.stdout
+    assert not (tmp_path / "save").exists()
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_omni", "qwen3_vl_moe"])
