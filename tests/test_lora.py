@@ -257,7 +257,26 @@ LORA_SCRIPTS = {("qwen2vl", "2b"): "finetune_qwen2vl_2b_lora.sh", ("qwen2.5vl", 
                 ("qwen3omni", "30B-A3B"): "finetune_qwen3omni_lora.sh"}
 
 
-@pytest.mark.parametrize("folder,size", list(LORA_SCRIPTS))
+def test_every_family_has_lora_and_merge_scripts_with_the_same_lora_flags():
+    """Each LoRA script is its family's finetune script plus the same LoRA block (the dry run below
+    runs two of them), and each family folder has merge_lora.sh calling export --merge-lora."""
+    from test_examples import CASES, EXAMPLES
+
+    block = None
+    for (folder, size), script in LORA_SCRIPTS.items():
+        text = (EXAMPLES / folder / script).read_text()
+        lora_block = text[text.index('LORA_ARGS="'):text.index('"', text.index('LORA_ARGS="') + 11)]
+        assert block in (None, lora_block), script
+        block = lora_block
+        assert "    $LORA_ARGS \\\n" in text and "    --init-model-with-meta-device" not in text, script
+        base = (EXAMPLES / folder / CASES[folder, size][2]).read_text()
+        assert f"--mm-model $MM_MODEL" in base and "--mm-model $MM_MODEL" in text
+        merge = (EXAMPLES / folder / "merge_lora.sh").read_text()
+        assert "omnitune export" in merge and "--merge-lora" in merge, folder
+    assert "--lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2" in block
+
+
+@pytest.mark.parametrize("folder,size", [("qwen2vl", "2b"), ("qwen3omni", "30B-A3B")])
 def test_lora_example_scripts_dry_run(folder, size, tmp_path, tiny_model_dir):
     """Each family's finetune_*_lora.sh with a stand-in `torchrun` (omnitune.train --dry-run)."""
     import os
