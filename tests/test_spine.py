@@ -240,7 +240,7 @@ def test_freeze_export_and_plain_transformers_logits(hf_dir, tmp_path):
      r"dataset_param\.bogus_key: unknown key"),
     (lambda d, m, f: m.update({"text_decoder": {"freeze": False, "colour": "red"}}),
      r"text_decoder\.colour: unknown key"),
-    (lambda d, m, f: f.extend(["--lora-r", "8"]), r"--lora-r is not implemented"),
+    (lambda d, m, f: f.extend(["--lora-r", "8"]), r"--lora-r: needs --lora-target-modules"),
     (lambda d, m, f: f.extend(["--tensor-model-parallel-size", "2"]), r"--tensor-model-parallel-size 2"),
     (lambda d, m, f: f.extend(["--no-such-flag"]), r"--no-such-flag"),
     (lambda d, m, f: f.__setitem__(f.index("--mm-data") + 1, "/nope/data.json"), r"/nope/data.json"),

@@ -154,14 +154,15 @@ def fill_strided(todo: list) -> None:
 
 def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trainer_state: dict,
                     save_optim: bool = True, save_rng: bool = True, data_state: dict | None = None,
-                    data_rank: int | None = None, layout: dict | None = None) -> Path:
+                    data_rank: int | None = None, layout: dict | None = None, key_filter=None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder. ``data_state``: the data
     position (a JSON-able dict; the streaming dataset's) of data-parallel rank ``data_rank`` (default:
     the global rank), read back by :func:`read_data_state`; the ranks of one data-parallel rank hold
     the same position, so only those that pass it write it (one per data rank). ``layout``: the
-    parallel sizes, recorded in trainer_state.json (RNG is restored only at the same layout)."""
+    parallel sizes, recorded in trainer_state.json (RNG is restored only at the same layout).
+    ``key_filter(name) -> bool``: save only these model tensors (LoRA: the adapters)."""
     import torch.distributed.checkpoint as dcp   # lazy: seconds of import, only when a checkpoint is used
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     save = Path(save_dir)
     final = save / iter_dir_name(iteration)
     partial = save / (iter_dir_name(iteration) + ".partial")
@@ -172,7 +173,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trai
         if partial.exists():
             shutil.rmtree(partial)
     fail.agree(_attempt(prepare) if _rank() == 0 else None)
-    state = {"model": get_model_state_dict(model)}
+    state = {"model": _model_state(model, key_filter)}
     if save_optim and optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     from torch.distributed.checkpoint.api import CheckpointException
@@ -284,6 +285,13 @@ def check_save_dir(path: str | Path, flag: str = "--save") -> None:
                               f"a writable file system, or fix its permissions") from None
 
 
+def _model_state(model, key_filter=None, options=None) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(model, options=options)
+    return sd if key_filter is None else {k: v for k, v in sd.items() if key_filter(k)}
+
+
 def is_training_checkpoint_root(path: str | Path) -> bool:
     return (Path(path) / LATEST).is_file()
 
@@ -353,16 +361,16 @@ def read_data_state(ckpt: str | Path, rank: int | None = None) -> dict | None:
 
 
 def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
-                    load_rng: bool = True, layout: dict | None = None) -> dict:
+                    load_rng: bool = True, layout: dict | None = None, key_filter=None) -> dict:
     """Collective. Loads model (+ optimizer, + this rank's RNG) in place; returns trainer state with
     ``rng_restored``. Works across world sizes and layouts: DCP reshards. RNG: only when ``layout``
-    (this job's parallel sizes) equals the saved one (a rank's RNG means nothing in another layout)."""
-    import torch.distributed.checkpoint as dcp   # lazy: seconds of import, only when a checkpoint is used
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+    (this job's parallel sizes) equals the saved one (a rank's RNG means nothing in another layout).
+    ``key_filter``: the model tensors the checkpoint holds (LoRA: the adapters; the rest stays)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
     ckpt = Path(ckpt)
     meta = read_trainer_state(ckpt)
-    state = {"model": get_model_state_dict(model)}
+    state = {"model": _model_state(model, key_filter)}
     want_optim = load_optim and optimizer is not None
     if want_optim and not meta.get("has_optim", False):
         raise ValueError(f"{ckpt} holds no optimizer state (saved with --no-save-optim); "
@@ -372,7 +380,7 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
     todo = strided_placeholders(state)
     safe_dcp.load(state, ckpt)
     fill_strided(todo)
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=key_filter is None))
     if want_optim:
         set_optimizer_state_dict(model, optimizer, state["optim"])
     meta["rng_restored"] = False
@@ -386,10 +394,10 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
     return meta
 
 
-def load_model_weights_from_dcp(ckpt: str | Path, model) -> None:
-    """Single-process load of the model part of a checkpoint into a plain (unsharded) model."""
-    import torch.distributed.checkpoint as dcp   # lazy: seconds of import, only when a checkpoint is used
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-    sd = get_model_state_dict(model, options=StateDictOptions())
+def load_model_weights_from_dcp(ckpt: str | Path, model, key_filter=None) -> None:
+    """Single-process load of the model part of a checkpoint into a plain (unsharded) model
+    (``key_filter``: only the tensors it accepts, e.g. a LoRA checkpoint's adapters)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    sd = _model_state(model, key_filter, options=StateDictOptions())
     safe_dcp.load({"model": sd}, ckpt, no_dist=True)
-    set_model_state_dict(model, sd)
+    set_model_state_dict(model, sd, options=StateDictOptions(strict=key_filter is None))

@@ -9,6 +9,11 @@ trained it. Written to a temp folder and renamed at the end.
 
 Omni families train the thinker only; their export is a FULL folder again: the trained ``thinker.*``
 tensors plus every other tensor (talker, vocoder) copied untouched from the original folder.
+
+A LoRA checkpoint (adapters only) exports either as a peft adapter folder for the base model
+(adapter_config.json + adapter_model.safetensors, the original folder's non-weight files beside
+them, config.json left out: an adapter folder is not a model folder), or with ``merge_lora`` as a
+full HF folder like above: the base weights with the adapters merged in by peft.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ _INDEX = "model.safetensors.index.json"
 
 
 def export_hf(load: str | Path, save: str | Path, model_assets: str | Path | None = None,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, merge_lora: bool = False, base_model: str | Path | None = None) -> Path:
     from transformers import AutoConfig
 
     from omnitune.models.registry import family_for_hf_config
@@ -42,16 +47,32 @@ def export_hf(load: str | Path, save: str | Path, model_assets: str | Path | Non
     if save.exists() and any(save.iterdir()) and not overwrite:
         raise FileExistsError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
     ckpt_io.check_save_dir(save)
+    if (merge_lora or base_model) and "lora" not in state:
+        flag = "--merge-lora" if merge_lora else "--load-base-model"
+        raise ValueError(f"{flag}: {ckpt} is a full-training checkpoint (no LoRA adapters); remove {flag}")
     config = AutoConfig.from_pretrained(assets, trust_remote_code=False)
     family = family_for_hf_config(config)
     for name in family.folder_extra_files:
         if not (assets / name).is_file():
             raise FileNotFoundError(f"--model-assets {assets}: {name} is missing; a {family.hf_full_class_name} "
                                     f"folder needs it (copy it from the original model folder)")
-    model = load_hf_model(family, None, config, init_weights=False)
-    ckpt_io.load_model_weights_from_dcp(ckpt, model)
+    adapters_only = "lora" in state and not merge_lora
+    if "lora" in state:
+        model, names, spec, base = _lora_model(ckpt, state["lora"], family, config, base_model)
+        if merge_lora:
+            from omnitune.train.lora import merge_adapters
+            merge_adapters(model)
+    else:
+        model = load_hf_model(family, None, config, init_weights=False)
+        ckpt_io.load_model_weights_from_dcp(ckpt, model)
     with atomic_dir(save) as tmp:
-        write_like_original(model, family.folder_prefix or "", assets, Path(tmp))
+        if adapters_only:
+            from omnitune.train.lora import write_adapter_folder
+            copy_assets(assets, Path(tmp))
+            (Path(tmp) / "config.json").unlink(missing_ok=True)   # an adapter folder is not a model folder
+            write_adapter_folder(model, spec, names, base, Path(tmp), prefix=family.folder_prefix)
+        else:
+            write_like_original(model, family.folder_prefix or "", assets, Path(tmp))
     return save
 
 
@@ -62,6 +83,29 @@ def is_weight_file(rel: Path) -> bool:
     n = rel.name
     return (n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
             or (n.startswith("pytorch_model") and (n.endswith(".bin") or n.endswith(".bin.index.json"))))
+
+
+def _lora_model(ckpt: Path, saved: dict, family, config, base_model):
+    """The base model of a LoRA checkpoint with its trained adapters on (module paths as in
+    training, so the DCP keys match). The base: ``base_model`` (--load-base-model), else the one the checkpoint records."""
+    from omnitune.checkpoint.mm_load import is_dcp_release, is_mm_checkpoint, load_mm_weights
+    from omnitune.train import lora
+    from omnitune.train.model import load_hf_model
+
+    base = Path(base_model or saved["base"])
+    flag = "--load-base-model" if base_model else f"the base recorded in {ckpt}"
+    if is_mm_checkpoint(base) or is_dcp_release(base):
+        model = load_hf_model(family, None, config, init_weights=False)
+        load_mm_weights(base, family, model)
+    elif (base / "config.json").is_file() and any(base.glob("*.safetensors")):
+        model = load_hf_model(family, str(base), config)
+    else:
+        raise FileNotFoundError(f"{flag} {base}: not an HF folder or mm-convert output; name the base model the "
+                                f"adapters were trained on with --load-base-model DIR")
+    spec = lora.LoraSpec.from_json(saved)
+    lora.apply_lora(model, spec, saved["modules"], seed=0)
+    ckpt_io.load_model_weights_from_dcp(ckpt, model, key_filter=lora.is_adapter_key)
+    return model, saved["modules"], spec, base
 
 
 def copy_assets(original: Path, out: Path) -> list[str]:

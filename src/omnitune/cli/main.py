@@ -109,11 +109,18 @@ def cmd_export(argv: list[str]) -> int:
                    help="original HF folder (config, tokenizer, processor files) [default: the one recorded "
                         "in the checkpoint]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save folder")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="LoRA checkpoint: write the full HF folder with the adapters merged into the base weights "
+                        "[default: a peft adapter folder for the base]")
+    p.add_argument("--load-base-model", default=None, metavar="DIR",
+                   help="LoRA checkpoint: the base model the adapters were trained on [default: the one recorded "
+                        "in the checkpoint]")
     a = p.parse_args(argv)
     from omnitune.checkpoint.export import export_hf
 
     try:
-        out = export_hf(a.load, a.save, a.model_assets, overwrite=a.overwrite)
+        out = export_hf(a.load, a.save, a.model_assets, overwrite=a.overwrite, merge_lora=a.merge_lora,
+                        base_model=a.load_base_model)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"omnitune: error: {e}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ def _f(default, group: str, description: str, **limits):
 
 
 # help groups, in the order `omnitune train --help` shows them
-GROUPS = ("data", "batch", "schedule/optimizer", "parallel", "checkpoint", "logging", "misc")
+GROUPS = ("data", "batch", "schedule/optimizer", "parallel", "checkpoint", "LoRA", "logging", "misc")
 
 
 class TrainArgs(BaseModel):
@@ -89,6 +89,16 @@ class TrainArgs(BaseModel):
     no_load_rng: bool = _f(False, "checkpoint", "resume without the saved RNG states")
     no_save_optim: bool = _f(False, "checkpoint", "save without optimizer state (smaller; cannot resume exactly)")
     no_save_rng: bool = _f(False, "checkpoint", "save without RNG states")
+    # LoRA (train/lora.py): adapters through peft on the target modules of the unfrozen model.json modules
+    lora_target_modules: list[str] | None = _f(
+        None, "LoRA", "train LoRA adapters on these modules (Megatron names linear_qkv linear_proj linear_fc1 "
+                      "linear_fc2, or HF module names such as q_proj); base weights stay frozen")
+    lora_r: int = _f(8, "LoRA", "LoRA rank", ge=1)
+    lora_alpha: int = _f(16, "LoRA", "LoRA alpha (adapter output scaled by alpha / r)", ge=1)
+    lora_dropout: float = _f(0.0, "LoRA", "dropout on the adapters' input, in [0, 1)", ge=0, lt=1)
+    load_base_model: str | None = _f(None, "LoRA", "the base model (HF folder or mm-convert output) the adapters "
+                                                   "train on [default: --load, or the base a resumed LoRA "
+                                                   "checkpoint records]")
     # logging and eval
     log_interval: int = _f(1, "logging", "print an iteration line every N steps", ge=1)
     log_tps: bool = _f(False, "logging", "add tokens/s to the iteration lines")
@@ -113,6 +123,11 @@ class TrainArgs(BaseModel):
         if self.calculate_per_sample_loss and self.calculate_per_token_loss:
             raise ValueError("--calculate-per-sample-loss and --calculate-per-token-loss exclude each other; "
                              "give one")
+        if not self.lora_target_modules:
+            given = [n for n in ("lora_r", "lora_alpha", "lora_dropout", "load_base_model") if n in self.model_fields_set]
+            if given:
+                raise ValueError(f"{flag_of(given[0])}: needs --lora-target-modules; add --lora-target-modules "
+                                 f"linear_qkv linear_proj linear_fc1 linear_fc2 (or remove {flag_of(given[0])})")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save; add --save DIR or remove --save-interval")
         return self
@@ -144,8 +159,7 @@ IGNORED_FLAGS: dict[str, bool] = {
 
 # Flags a later version implements; refused now with their name.
 NOT_YET: dict[str, bool] = {
-    "lora-target-modules": True, "lora-r": True, "lora-alpha": True, "lora-dropout": True,
-    "load-base-model": True, "dpo-beta": True, "dpo-loss-type": True, "dpo-label-smoothing": True,
+    "dpo-beta": True, "dpo-loss-type": True, "dpo-label-smoothing": True,
     "pref-ftx": True, "ref-model": True, "hetero-parallel": False,
     "fp16": False,
 }
@@ -153,8 +167,6 @@ NOT_YET: dict[str, bool] = {
 
 # NOT_YET flags by help group: the group's title says what is missing
 NOT_YET_GROUPS = {
-    "LoRA (not implemented in this version: refused)": ("lora-target-modules", "lora-r", "lora-alpha",
-                                                        "lora-dropout", "load-base-model"),
     "DPO (not implemented in this version: refused)": ("dpo-beta", "dpo-loss-type", "dpo-label-smoothing",
                                                        "pref-ftx", "ref-model"),
     "other refused flags": ("hetero-parallel", "fp16"),
@@ -213,7 +225,7 @@ def _metavar(name: str, field) -> str:
         return "N"
     if "float" in ann:
         return "X"
-    return {"mm_data": "DATA_JSON", "mm_model": "MODEL_JSON"}.get(name, "DIR" if name in ("load", "save") else "NAME")
+    return {"mm_data": "DATA_JSON", "mm_model": "MODEL_JSON"}.get(name, "DIR" if name in ("load", "save", "load_base_model") else "NAME")
 
 
 def build_parser(prog: str = "omnitune.train", launcher: bool = False) -> argparse.ArgumentParser:
@@ -231,6 +243,8 @@ def build_parser(prog: str = "omnitune.train", launcher: bool = False) -> argpar
         text = field.description + _default_text(field)
         if field.annotation is bool:
             group.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=text)
+        elif "list" in str(field.annotation):
+            group.add_argument(flag, dest=name, nargs="+", default=argparse.SUPPRESS, help=text, metavar="NAME")
         else:
             group.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=text, metavar=_metavar(name, field))
     groups["misc"].add_argument("--dry-run", dest="dry_run__", action="store_true", default=False,
@@ -282,7 +296,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArgs, list[str], bool]:
     notyet = sorted(k.split("__", 1)[1] for k in ns if k.startswith("notyet__"))
     if notyet:
         raise ConfigError(f"--{notyet[0]} is not implemented in this version of omnitune; remove the flag "
-                          f"(planned: LoRA, DPO, hetero parallel)")
+                          f"(planned: DPO, hetero parallel)")
     values = {k: v for k, v in ns.items() if "__" not in k}
     for name in ("mm_data", "mm_model", "train_iters"):
         if name not in values:

@@ -24,6 +24,27 @@ class ModuleGroup:
     exclude: tuple[str, ...] = ()
 
 
+#: LoRA target names of the seed scripts (Megatron's) -> regexes of HF module paths, each matched
+#: against the END of a module's full name at a dot boundary ("self_attn\\.[qkv]_proj" matches
+#: "model.language_model.layers.3.self_attn.q_proj"). The Qwen text decoders share these; a family
+#: adds its vision tower / projector / audio encoder names with :func:`lora_map`.
+QWEN_TEXT_LORA: dict[str, tuple[str, ...]] = {
+    "linear_qkv": (r"self_attn\.[qkv]_proj",),
+    "linear_proj": (r"self_attn\.o_proj",),
+    "linear_fc1": (r"mlp\.(gate|up)_proj",),
+    "linear_fc2": (r"mlp\.down_proj",),
+}
+
+
+def lora_map(*maps: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """The union of several Megatron-name -> HF-path-regex maps (a family's LoRA target map)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for m in maps:
+        for k, pats in m.items():
+            out[k] = out.get(k, ()) + tuple(pats)
+    return out
+
+
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path)
 
@@ -57,6 +78,9 @@ class ModelFamily:
     def trainable_config(self, config):
         """The trainable model's config from a folder's config (Omni: ``thinker_config``)."""
         return config
+
+    #: LoRA: Megatron target name -> HF module path regexes (see QWEN_TEXT_LORA); train/lora.py
+    lora_target_map: dict[str, tuple[str, ...]] = QWEN_TEXT_LORA
 
     #: files of an HF folder besides config/weights/processor that export carries over untouched
     folder_extra_files: tuple[str, ...] = ()

@@ -43,6 +43,9 @@ class Plan:
     ignored_flags: list[str] = field(default_factory=list)
     dims: object = None       # parallel.dims.ParallelDims (sizes checked; meshes built in run())
     grad_acc: int = 1
+    lora: object = None       # train.lora.LoraSpec, or None (full training)
+    lora_base: tuple | None = None   # LoRA: ("hf" | "mm", path) of the base weights
+    lora_report: str = ""     # LoRA: the adapter line of --dry-run (set by preflight)
 
     def describe(self) -> str:
         a, dims = self.args, self.dims
@@ -62,6 +65,9 @@ class Plan:
             f"schedule   : {a.train_iters} iters, lr {a.lr} -> {a.min_lr} {a.lr_decay_style}, warmup {a.warmup_iters}",
             f"precision  : {'bf16 compute, fp32 master weights' if a.bf16 else 'fp32'}",
             f"frozen     : {', '.join(frozen) or 'none'}",
+            *([self.lora_report or f"lora       : {' '.join(self.lora.targets)}, r {self.lora.r}, alpha "
+                                    f"{self.lora.alpha}", f"lora base  : {self.lora_base[0]} {self.lora_base[1]}"]
+              if self.lora else []),
             f"save       : {a.save or '-'} every {a.save_interval or '-'} iters",
         ]
         if self.ignored_flags:
@@ -73,6 +79,8 @@ class Plan:
         from omnitune.parallel.estimate import estimate_rank_bytes, format_estimate
 
         frozen = {n for n, m in self.model_cfg.modules().items() if m.freeze}
+        if self.lora is not None:   # base weights frozen everywhere (the adapters are not counted)
+            frozen = {g.name for g in self.family.module_groups()}
         est = estimate_rank_bytes(self.family, self.hf_config, self.dims, frozen, bf16=self.args.bf16)
         return format_estimate(est)
 
@@ -113,6 +121,9 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
     from omnitune.parallel.dims import ParallelDims
 
     args, ignored, dry_run = parse_train_args(argv)
+    if args.lora_target_modules:   # LoRA + TP/CP/EP/meta init: refused before the layout checks
+        from omnitune.train.lora import check_layout
+        check_layout(args)
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     dims = ParallelDims.from_args(args, world)
     dims.check_world()
@@ -142,6 +153,7 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
             load_kind = "resume"
             # fails early if `latest` points nowhere, or a file is unsafe / damaged (no tensor read)
             meta = ckpt_io.check_checkpoint(ckpt_io.resolve_checkpoint(lp))
+            meta["_ckpt"] = str(ckpt_io.resolve_checkpoint(lp))
             if not args.no_load_optim and not meta.get("has_optim", False):
                 raise ConfigError(f"--load {args.load}: the checkpoint holds no optimizer state (saved with "
                                   f"--no-save-optim); add --no-load-optim to resume with a fresh optimizer")
@@ -166,9 +178,49 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
         # Nothing else given: train from the original HF weights (seed: init_from_hf_path).
         load_kind, load_path = "hf", hf_dir
     plan = Plan(args, data_cfg, model_cfg, family, hf_dir, hf_config, load_kind, load_path, ignored, dims, grad_acc)
+    _plan_lora(plan, meta if load_kind == "resume" else None)
     if dry_run:
         preflight(plan)
     return plan, dry_run
+
+
+def _plan_lora(plan: Plan, resume_meta: dict | None) -> None:
+    """LoRA: the run's spec and the base weights (``--load-base-model``; else --load when it names
+    weights; else, resuming, the base the checkpoint records; else the original HF folder). A LoRA
+    checkpoint resumes only with the same LoRA flags; a full checkpoint cannot resume as LoRA."""
+    from omnitune.checkpoint.mm_load import is_dcp_release, is_mm_checkpoint
+    from omnitune.train.lora import LoraSpec
+
+    a = plan.args
+    plan.lora = spec = LoraSpec.from_args(a)
+    saved = (resume_meta or {}).get("lora")
+    if spec is None:
+        if saved:
+            raise ConfigError(f"--load {a.load}: {resume_meta['_ckpt']} holds LoRA adapters only; resume it with "
+                              f"the flags it was trained with: {LoraSpec.from_json(saved).flags()}")
+        return
+    base = a.load_base_model
+    if resume_meta is not None:
+        if not saved:
+            raise ConfigError(f"--load {a.load}: a full-training checkpoint cannot resume as LoRA; remove the LoRA "
+                              f"flags, or start LoRA from an HF folder with --load-base-model DIR")
+        if LoraSpec.from_json(saved) != spec:
+            raise ConfigError(f"--load {a.load}: the checkpoint was trained with {LoraSpec.from_json(saved).flags()}; "
+                              f"resume with the same LoRA flags")
+        base = base or saved["base"]
+    elif base and a.load:
+        raise ConfigError(f"--load-base-model {base} and --load {a.load} both name the starting weights; keep one")
+    else:
+        base = base or plan.load_path
+    flag = "--load-base-model" if a.load_base_model else "--load"
+    bp = Path(base)
+    if is_mm_checkpoint(bp) or is_dcp_release(bp):
+        plan.lora_base = ("mm", str(bp))
+    elif (bp / "config.json").is_file() and any(bp.glob("*.safetensors")):
+        plan.lora_base = ("hf", str(bp))
+    else:
+        raise ConfigError(f"{flag} {base}: the LoRA base must be an HF folder (config.json + *.safetensors) or an "
+                          f"mm-convert output")
 
 
 def preflight(plan: Plan) -> None:
@@ -185,7 +237,13 @@ def preflight(plan: Plan) -> None:
     processor = AutoProcessor.from_pretrained(plan.hf_dir, trust_remote_code=False)
     SampleEncoder(plan.data_cfg, processor)
     model = build_meta_model(plan.family, plan.hf_config)
-    apply_freeze(model, plan.family, {n for n, m in plan.model_cfg.modules().items() if m.freeze})
+    frozen = {n for n, m in plan.model_cfg.modules().items() if m.freeze}
+    apply_freeze(model, plan.family, frozen)
+    if plan.lora is not None:   # adapters on the meta model: the count --dry-run shows
+        from omnitune.train import lora
+
+        names = lora.resolve_targets(model, plan.family, plan.lora.targets, frozen)
+        plan.lora_report = lora.describe(names, lora.apply_lora(model, plan.lora, names, plan.args.seed), plan.lora)
     if not plan.args.enable_dummy_optimizer and not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"{plan.args.mm_model}: every module is frozen (freeze: true): nothing to train; "
                           f"unfreeze a module or pass --enable-dummy-optimizer")
@@ -266,14 +324,19 @@ class Trainer:
         # materialised shard by shard after the parallel plans
         meta = a.init_model_with_meta_device
         init = plan.load_kind == "hf" and not meta
-        if meta:
+        frozen = {n for n, m in plan.model_cfg.modules().items() if m.freeze}
+        self.lora_modules: list[str] = []
+        if plan.lora is not None:   # base weights (frozen) + seeded adapters; resume loads the adapters below
+            from omnitune.train import lora
+            hf, self.lora_modules, n_adapter = lora.load_base_with_adapters(plan, frozen)
+            self.log(lora.describe(self.lora_modules, n_adapter, plan.lora))
+        elif meta:
             from omnitune.train.model import build_meta_model
             hf = build_meta_model(plan.family, plan.hf_config)
         else:
             hf = load_hf_model(plan.family, plan.load_path if init else None, plan.hf_config, init_weights=init)
             if plan.load_kind == "mm":
                 load_mm_weights(plan.load_path, plan.family, hf)
-        frozen = {n for n, m in plan.model_cfg.modules().items() if m.freeze}
         self.trainable = apply_freeze(hf, plan.family, frozen)
         if not meta:
             hf.to(dist_ctx.device)
@@ -300,7 +363,7 @@ class Trainer:
             ckpt = ckpt_io.resolve_checkpoint(plan.load_path)
             meta = ckpt_io.load_checkpoint(ckpt, self.model.hf, self.optimizer,
                                            load_optim=not a.no_load_optim, load_rng=not a.no_load_rng,
-                                           layout=self._layout())
+                                           layout=self._layout(), key_filter=self._ckpt_keys())
             self.iteration = int(meta.get("iteration", 0))
             self.consumed = int(meta.get("consumed_samples", 0))
             if self.streaming:
@@ -332,6 +395,13 @@ class Trainer:
                       start_iteration=self.iteration, progress_bar=not a.no_progress_bar, tensorboard_dir=tb_dir,
                       wandb_project=a.wandb_project, wandb_name=a.wandb_exp_name,
                       run_config=a.model_dump() if a.wandb_project else None)
+
+    def _ckpt_keys(self):
+        """LoRA: checkpoints hold the adapter tensors only (the base is re-read from its folder)."""
+        if self.plan.lora is None:
+            return None
+        from omnitune.train.lora import is_adapter_key
+        return is_adapter_key
 
     def _layout(self) -> dict:
         d = self.dims
@@ -504,10 +574,15 @@ class Trainer:
                  "hf_dir": str(Path(self.plan.hf_dir).resolve()),
                  "scheduler": {"lr": a.lr, "min_lr": a.min_lr, "warmup_iters": a.warmup_iters,
                                "decay_style": a.lr_decay_style, "num_steps": self.iteration}}
+        if self.plan.lora is not None:
+            kind, base = self.plan.lora_base
+            state["lora"] = dict(self.plan.lora.to_json(), base=str(Path(base).resolve()), base_kind=kind,
+                                 modules=self.lora_modules)
         path = ckpt_io.save_checkpoint(a.save, self.iteration, self.model.hf, self.optimizer, state,
                                        save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
                                        data_state=self.dataset.state_dict() if self._writes_data_state() else None,
-                                       data_rank=self.dims.dp_rank, layout=self._layout())
+                                       data_rank=self.dims.dp_rank, layout=self._layout(),
+                                       key_filter=self._ckpt_keys())
         self.log(f"saved checkpoint {path}")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from omnitune.models.base import ModelFamily, ModuleGroup, text_sizes
+from omnitune.models.base import QWEN_TEXT_LORA, ModelFamily, ModuleGroup, lora_map, text_sizes
 from omnitune.models.qwen2_5_vl.spec import mrope_section
 
 # The real Qwen2.5-Omni-7B chat template.
@@ -65,6 +65,13 @@ class Qwen2_5OmniFamily(ModelFamily):
     template = "qwen2_omni"
     hf_class_name = "Qwen2_5OmniThinkerForConditionalGeneration"
     hf_config_class_name = "Qwen2_5OmniConfig"
+    #: ViT blocks (separate q/k/v, proj; gated MLP), merger MLP, audio encoder layers (q/k/v_proj,
+    #: out_proj, fc1/fc2) besides the text decoder
+    lora_target_map = lora_map(QWEN_TEXT_LORA, {
+        "linear_qkv": (r"attn\.[qkv]",), "linear_proj": (r"attn\.proj",),
+        "linear_fc1": (r"merger\.mlp\.0",), "linear_fc2": (r"merger\.mlp\.2",)}, {
+    "linear_proj": (r"self_attn\.out_proj",), "linear_fc1": (r"layers\.\d+\.fc1",),
+        "linear_fc2": (r"layers\.\d+\.fc2",)})
     hf_full_class_name = "Qwen2_5OmniForConditionalGeneration"
     folder_prefix = "thinker."
     folder_extra_files = ("spk_dict.pt",)

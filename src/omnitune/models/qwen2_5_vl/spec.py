@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from omnitune.models.base import ModuleGroup, text_sizes
+from omnitune.models.base import QWEN_TEXT_LORA, ModuleGroup, lora_map, text_sizes
 from omnitune.models.qwen2_vl.spec import CHAT_TEMPLATE as _QWEN2_VL_CHAT_TEMPLATE
 from omnitune.models.qwen2_vl.spec import Qwen2VLFamily
 
@@ -42,6 +42,10 @@ class Qwen2_5VLFamily(Qwen2VLFamily):
     template = "qwen2vl"
     hf_class_name = "Qwen2_5_VLForConditionalGeneration"
     hf_config_class_name = "Qwen2_5_VLConfig"
+    #: ViT blocks (fused qkv, proj; gated MLP: the text decoder's names) and the merger MLP
+    lora_target_map = lora_map(QWEN_TEXT_LORA, {
+        "linear_qkv": (r"attn\.qkv",), "linear_proj": (r"attn\.proj",),
+        "linear_fc1": (r"merger\.mlp\.0",), "linear_fc2": (r"merger\.mlp\.2",)})
     # videos' seconds per temporal grid step feed the temporal rope positions
     forward_batch_keys = ("mm_token_type_ids", "second_per_grid_ts")
 

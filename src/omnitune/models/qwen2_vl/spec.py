@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from omnitune.models.base import ModelFamily, ModuleGroup
+from omnitune.models.base import QWEN_TEXT_LORA, ModelFamily, ModuleGroup, lora_map
 
 # The real Qwen2-VL-*-Instruct chat template.
 CHAT_TEMPLATE = (
@@ -40,6 +40,10 @@ class Qwen2VLFamily(ModelFamily):
     template = "qwen2vl"
     hf_class_name = "Qwen2VLForConditionalGeneration"
     hf_config_class_name = "Qwen2VLConfig"
+    #: ViT blocks (fused qkv, proj, fc1/fc2) and the merger MLP (mlp.0 / mlp.2) besides the text decoder
+    lora_target_map = lora_map(QWEN_TEXT_LORA, {
+        "linear_qkv": (r"attn\.qkv",), "linear_proj": (r"attn\.proj",),
+        "linear_fc1": (r"mlp\.fc1", r"merger\.mlp\.0"), "linear_fc2": (r"mlp\.fc2", r"merger\.mlp\.2")})
 
     def tiny_config(self, size: str = "tiny"):
         s = SIZES[size]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from omnitune.models.base import ModelFamily, ModuleGroup, text_sizes
+from omnitune.models.base import QWEN_TEXT_LORA, ModelFamily, ModuleGroup, lora_map, text_sizes
 from omnitune.models.qwen3_vl.spec import CHAT_TEMPLATE as QWEN3_VL_CHAT_TEMPLATE
 from omnitune.models.qwen3_vl.spec import interleaved_mrope_section
 
@@ -64,6 +64,13 @@ class Qwen3OmniMoeFamily(ModelFamily):
     template = "qwen3_omni"
     hf_class_name = "Qwen3OmniMoeThinkerForConditionalGeneration"
     hf_config_class_name = "Qwen3OmniMoeConfig"
+    #: ViT blocks (fused qkv, proj, linear_fc1/2), merger MLPs (mlp.0 / mlp.2), audio encoder layers;
+    #: the MoE text decoder: attention only (its experts are fused tensors, not Linear modules)
+    lora_target_map = lora_map(QWEN_TEXT_LORA, {
+        "linear_qkv": (r"attn\.qkv",), "linear_proj": (r"attn\.proj",),
+        "linear_fc1": (r"mlp\.linear_fc1", r"mlp\.0"), "linear_fc2": (r"mlp\.linear_fc2", r"mlp\.2")}, {
+    "linear_proj": (r"self_attn\.out_proj",), "linear_fc1": (r"layers\.\d+\.fc1",),
+        "linear_fc2": (r"layers\.\d+\.fc2",)})
     hf_full_class_name = "Qwen3OmniMoeForConditionalGeneration"
     folder_prefix = "thinker."
     forward_batch_keys = ("video_second_per_grid", "use_audio_in_video")

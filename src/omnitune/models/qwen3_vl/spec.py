@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from omnitune.models.base import ModelFamily, ModuleGroup, text_sizes
+from omnitune.models.base import QWEN_TEXT_LORA, ModelFamily, ModuleGroup, lora_map, text_sizes
 
 # The real Qwen3-VL-*-Instruct chat template (Qwen3-VL-8B-Instruct; the 30B-A3B MoE ships the same),
 # 5292 bytes, sha256 3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4.
@@ -161,6 +161,11 @@ class Qwen3VLFamily(ModelFamily):
     template = "qwen3_vl"
     hf_class_name = "Qwen3VLForConditionalGeneration"
     hf_config_class_name = "Qwen3VLConfig"
+    #: ViT blocks (fused qkv, proj, linear_fc1/2), merger and DeepStack mergers (linear_fc1/2); the
+    #: MoE text decoder has no dense MLP: linear_fc1/2 reach its experts nowhere (only attention there)
+    lora_target_map = lora_map(QWEN_TEXT_LORA, {
+        "linear_qkv": (r"attn\.qkv",), "linear_proj": (r"attn\.proj",),
+        "linear_fc1": (r"linear_fc1",), "linear_fc2": (r"linear_fc2",)})
     moe = False
     # DeepStack: the vision features added to the first decoder layers' hidden states at the visual
     # positions, one row per True of visual_pos_masks
