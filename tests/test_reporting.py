@@ -162,8 +162,6 @@ def test_demo_check_refuses_an_untrained_model(tiny_qwen2vl, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known gap: in 120 steps the tiny model learns the answers' form and most colours "
-                          "but not every shape (20/36 correct when measured); the demo then exits 1", strict=False)
 def test_demo_learns_every_bundled_answer(tmp_path):
     r = omnitune(["demo", "--out", str(tmp_path / "demo")], timeout=900)
     assert "demo OK: 36/36 answers correct" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -21,9 +21,9 @@ from pathlib import Path
 # One micro-batch of 16 per step: on a CPU the step time is mostly the vocabulary-sized work
 # (embedding/lm_head gradients, AdamW over 10M parameters), not the number of samples, so a
 # large batch and a high learning rate buy the fewest steps.
-DEMO_TRAIN_ITERS = 120
+DEMO_TRAIN_ITERS = 150
 DEMO_FLAGS = ["--micro-batch-size", "16", "--global-batch-size", "16", "--seq-length", "256",
-              "--lr", "2e-2", "--min-lr", "1e-3", "--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.1",
+              "--lr", "1e-2", "--min-lr", "5e-4", "--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.1",
               "--weight-decay", "0.0", "--clip-grad", "1.0", "--seed", "42"]
 
 
