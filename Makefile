@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/omnitune demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py

@@ -381,7 +381,7 @@ def test_bad_media_and_flags_are_one_line_errors_before_loading(tiny_model_dir, 
         ([vl, "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
         ([str(tmp_path)], f"--model {tmp_path}: no config.json"),
         ([str(tmp_path / "missing")], "no such folder"),
-        ([vl, "--mm-data", str(tmp_path / "nope.json")], "--mm-data: file not found"),
+        ([vl, "--mm-data", str(tmp_path / "nope.json")], f"--mm-data {tmp_path / 'nope.json'}: file not found"),
         ([vl, "--model-assets", omni], "only for a training save dir"),
     ]
     for extra, expect in cases:
