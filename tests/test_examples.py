@@ -22,6 +22,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CASES = {
     ("qwen2vl", "2b"): ("data_2b.json", "model_2b.json", "finetune_qwen2vl_2b.sh"),
     ("qwen2vl", "7b"): ("data_7b.json", "model_7b.json", "finetune_qwen2vl_7b.sh"),
+    ("qwen2vl", "72b"): ("data_72b_dpo.json", "model_72b.json", "finetune_qwen2vl_72b_dpo.sh"),   # DPO + LoRA
     ("qwen2.5vl", "3b"): ("data_3b.json", "model_3b.json", "finetune_qwen2_5_vl_3b.sh"),
     ("qwen2.5vl", "7b"): ("data_7b.json", "model_7b.json", "finetune_qwen2_5_vl_7b.sh"),
     ("qwen2.5omni", "7b"): ("data_7b.json", "model_7b.json", "finetune_qwen2_5_omni_7b.sh"),
@@ -52,7 +53,9 @@ def real_config(folder: str, size: str):
         t = {"2b": _text(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, vocab_size=151936),
              "7b": _text(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064)}[size]
+                         num_key_value_heads=4, vocab_size=152064),
+             "72b": _text(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=152064)}[size]
         return T.Qwen2VLConfig(text_config=t, vision_config=dict(qwen2vit, hidden_size=t["hidden_size"]))
     if folder == "qwen2.5vl":
         t = {"3b": _text(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,

@@ -104,7 +104,7 @@ class Attr(_Strict):
     observation_tag: str | None = Field(None, description="role value of tool-result turns")
     function_tag: str | None = Field(None, description="role value of function-call turns")
     system_tag: str | None = Field("system", description="role value of system turns")
-    ranking: bool = Field(False, description="preference pairs (DPO); refused by the trainer in this version")
+    ranking: bool = Field(False, description="preference pairs: the run trains DPO (the --dpo-* flags)")
     chosen: str | None = Field(None, description="column of the chosen answer (ranking)")
     rejected: str | None = Field(None, description="column of the rejected answer (ranking)")
 
@@ -174,7 +174,4 @@ def unsupported_features(cfg: DataConfig) -> list[str]:
         out.append("basic_parameters.tool_format: tool calls are not implemented in this version; set null")
     if pp.split_special_tokens:
         out.append("preprocess_parameters.split_special_tokens: true is not implemented in this version")
-    if a.ranking:
-        out.append("attr.ranking: the data side reads preference (DPO) pairs, but the trainer has no DPO loss in "
-                   "this version; set false")
     return out

@@ -41,6 +41,30 @@ one chunk of trained positions at a time (same loss, less memory). `router_aux_l
 MoE routers' load-balancing loss.
 """
 
+_DPO = """## DPO (preference pairs)
+
+A data.json with `attr.ranking: true` (and `attr.chosen` / `attr.rejected`) trains DPO: each sample
+is a prompt (ending with a user turn) with its media and two answers. Per pair, with the
+log-probabilities of the answer tokens summed for the policy (pi) and the reference (ref), chosen
+(c) and rejected (r), `d = (pi_c - ref_c) - (pi_r - ref_r)`:
+
+| `--dpo-loss-type` | loss of a pair |
+|---|---|
+| `sigmoid` | `-logsigmoid(beta d) (1 - eps) - logsigmoid(-beta d) eps` (eps: `--dpo-label-smoothing`) |
+| `ipo` | `(d' - 1 / (2 beta))^2`, d' as d with each log-prob divided by its answer's token count |
+| `hinge` | `relu(1 - beta d)` |
+
+`--pref-ftx` adds that multiple of the chosen answer's token-mean negative log-likelihood. The step's
+loss is the mean over the pairs of the global batch (exact across micro-batches, gradient
+accumulation and data-parallel ranks; a pair is never split). The reference is, under LoRA, the
+policy with its adapters switched off (no second copy; also when `--ref-model` names the LoRA
+base), else a frozen copy of `--ref-model` or of the starting weights (`--load`), sharded like the
+policy; a resumed run reads the reference its first run recorded. Logged per step (metrics.jsonl,
+TensorBoard, the iteration line): `rewards/chosen` = beta (pi_c - ref_c), `rewards/rejected`,
+`rewards/margin`, `rewards/accuracy` (share of pairs with chosen > rejected). DPO with
+`--context-parallel-size` > 1 is refused in this version.
+"""
+
 _CKPT = """## Checkpoint layout (`--save DIR`)
 
 ```
@@ -147,7 +171,7 @@ def render() -> str:
               + ", ".join(f"`--{f}`" for f in IGNORED_FLAGS) + ".\n"]
     for title, flags in NOT_YET_GROUPS.items():
         parts.append(f"{title}: " + ", ".join(f"`--{f}`" for f in flags) + ".\n")
-    parts += [_LOSS, _CKPT]
+    parts += [_LOSS, _DPO, _CKPT]
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -27,7 +27,8 @@ def _f(default, group: str, description: str, **limits):
 
 
 # help groups, in the order `omnitune train --help` shows them
-GROUPS = ("data", "batch", "schedule/optimizer", "parallel", "checkpoint", "LoRA", "logging", "misc")
+GROUPS = ("data", "batch", "schedule/optimizer", "parallel", "checkpoint", "LoRA", "DPO", "logging", "misc")
+DPO_FIELDS = ("dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "pref_ftx", "ref_model")
 
 
 class TrainArgs(BaseModel):
@@ -99,6 +100,18 @@ class TrainArgs(BaseModel):
     load_base_model: str | None = _f(None, "LoRA", "the base model (HF folder or mm-convert output) the adapters "
                                                    "train on [default: --load, or the base a resumed LoRA "
                                                    "checkpoint records]")
+    # DPO (train/dpo.py): on when data.json attr.ranking is true (preference pairs)
+    dpo_beta: float = _f(0.1, "DPO", "DPO beta: weight of the reward margin against the KL to the reference (> 0)",
+                         gt=0)
+    dpo_loss_type: Literal["sigmoid", "ipo", "hinge"] = _f(
+        "sigmoid", "DPO", "DPO loss: sigmoid (the DPO paper), ipo (length-normalised log-probs) or hinge")
+    dpo_label_smoothing: float = _f(0.0, "DPO", "share of pairs assumed mislabelled, in [0, 0.5] (sigmoid only)",
+                                    ge=0, le=0.5)
+    pref_ftx: float = _f(0.0, "DPO", "add this x the SFT loss (token mean of the chosen answer) to the DPO loss",
+                         ge=0)
+    ref_model: str | None = _f(None, "DPO", "reference weights (HF folder or mm-convert output) [default: the "
+                                            "starting weights: --load, or under LoRA the base with the adapters "
+                                            "off (no second copy)]")
     # logging and eval
     log_interval: int = _f(1, "logging", "print an iteration line every N steps", ge=1)
     log_tps: bool = _f(False, "logging", "add tokens/s to the iteration lines")
@@ -128,6 +141,9 @@ class TrainArgs(BaseModel):
             if given:
                 raise ValueError(f"{flag_of(given[0])}: needs --lora-target-modules; add --lora-target-modules "
                                  f"linear_qkv linear_proj linear_fc1 linear_fc2 (or remove {flag_of(given[0])})")
+        if self.dpo_label_smoothing > 0 and self.dpo_loss_type != "sigmoid":
+            raise ValueError(f"--dpo-label-smoothing {self.dpo_label_smoothing}: only for --dpo-loss-type sigmoid; "
+                             f"remove it or use sigmoid")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save; add --save DIR or remove --save-interval")
         return self
@@ -158,19 +174,11 @@ IGNORED_FLAGS: dict[str, bool] = {
 }
 
 # Flags a later version implements; refused now with their name.
-NOT_YET: dict[str, bool] = {
-    "dpo-beta": True, "dpo-loss-type": True, "dpo-label-smoothing": True,
-    "pref-ftx": True, "ref-model": True, "hetero-parallel": False,
-    "fp16": False,
-}
+NOT_YET: dict[str, bool] = {"hetero-parallel": False, "fp16": False}
 
 
 # NOT_YET flags by help group: the group's title says what is missing
-NOT_YET_GROUPS = {
-    "DPO (not implemented in this version: refused)": ("dpo-beta", "dpo-loss-type", "dpo-label-smoothing",
-                                                       "pref-ftx", "ref-model"),
-    "other refused flags": ("hetero-parallel", "fp16"),
-}
+NOT_YET_GROUPS = {"refused flags (not implemented in this version)": ("hetero-parallel", "fp16")}
 
 
 def add_launcher_args(p: argparse.ArgumentParser) -> None:
@@ -225,7 +233,7 @@ def _metavar(name: str, field) -> str:
         return "N"
     if "float" in ann:
         return "X"
-    return {"mm_data": "DATA_JSON", "mm_model": "MODEL_JSON"}.get(name, "DIR" if name in ("load", "save", "load_base_model") else "NAME")
+    return {"mm_data": "DATA_JSON", "mm_model": "MODEL_JSON"}.get(name, "DIR" if name in ("load", "save", "load_base_model", "ref_model") else "NAME")
 
 
 def build_parser(prog: str = "omnitune.train", launcher: bool = False) -> argparse.ArgumentParser:
@@ -296,7 +304,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArgs, list[str], bool]:
     notyet = sorted(k.split("__", 1)[1] for k in ns if k.startswith("notyet__"))
     if notyet:
         raise ConfigError(f"--{notyet[0]} is not implemented in this version of omnitune; remove the flag "
-                          f"(planned: DPO, hetero parallel)")
+                          f"(planned: hetero parallel)")
     values = {k: v for k, v in ns.items() if "__" not in k}
     for name in ("mm_data", "mm_model", "train_iters"):
         if name not in values:

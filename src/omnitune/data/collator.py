@@ -22,22 +22,27 @@ class Collator:
     (unpadded) tokens, for throughput logging.
 
     Preference items (chosen_* / rejected_* sequences) become 2B rows: the B chosen sequences, then
-    the B rejected ones, with each item's media repeated for its rejected row (row k and row B+k
-    share the prompt and the media).
+    the B rejected ones (row k and row B+k share the prompt and the media). The media are repeated
+    for the rejected rows, or, with ``share_pair_media``, kept once (the B items' media) with
+    ``pair_media_shared=True`` in the batch: the family's forward then encodes each pair's images
+    and videos once and uses the features for both rows (models/base.py ``forward_hidden``).
 
     ``use_audio_in_video`` (data.json preprocess_parameters): the batch then carries
     ``use_audio_in_video=True`` when it has videos, which the Omni models need to place the
     interleaved audio and video positions.
     """
 
-    def __init__(self, pad_token_id: int, use_audio_in_video: bool = False):
+    def __init__(self, pad_token_id: int, use_audio_in_video: bool = False, share_pair_media: bool = False):
         self.pad_token_id = pad_token_id
         self.use_audio_in_video = use_audio_in_video
+        self.share_pair_media = share_pair_media
 
     def __call__(self, items: list[dict]) -> dict:
+        shared = False
         if items and "chosen_input_ids" in items[0]:
             rows = [{k: it[f"{side}_{k}"] for k in SEQUENCE_KEYS} for side in ("chosen", "rejected") for it in items]
-            media = [it for _ in range(2) for it in items]
+            shared = self.share_pair_media
+            media = items if shared else [it for _ in range(2) for it in items]
         else:
             rows = media = items
         length = max(len(r["input_ids"]) for r in rows)
@@ -69,4 +74,6 @@ class Collator:
             batch["input_features"], batch["feature_attention_mask"] = x, mask
         if self.use_audio_in_video and "pixel_values_videos" in batch:
             batch["use_audio_in_video"] = True
+        if shared:
+            batch["pair_media_shared"] = True
         return batch

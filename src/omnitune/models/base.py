@@ -277,11 +277,18 @@ class ModelFamily:
         mm, aux_v = self.encode_vision(model, batch)
         audio_kwargs, aux_a = self.encode_audio(model, batch)
         extra = {k: batch[k] for k in self.forward_batch_keys if batch.get(k) is not None}
+        igrid = batch.get("image_grid_thw") if batch.get("pixel_values") is not None else None
+        vgrid = batch.get("video_grid_thw") if batch.get("pixel_values_videos") is not None else None
+        if batch.get("pair_media_shared"):   # preference pairs: media of the B prompts, rows 2B
+            mm, igrid, vgrid = _twice(mm), _twice(igrid), _twice(vgrid)
+            audio_kwargs = {k: _twice(v) for k, v in audio_kwargs.items()}
+            extra = {k: (v if k in ("mm_token_type_ids", "use_audio_in_video") else _twice(v))
+                     for k, v in extra.items()}
         outputs = model.model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
-            image_grid_thw=batch.get("image_grid_thw") if batch.get("pixel_values") is not None else None,
-            video_grid_thw=batch.get("video_grid_thw") if batch.get("pixel_values_videos") is not None else None,
+            image_grid_thw=igrid,
+            video_grid_thw=vgrid,
             mm_encoder_outputs=mm,
             use_cache=False,
             **audio_kwargs,
@@ -293,6 +300,26 @@ class ModelFamily:
             if a is not None:
                 aux = aux + a
         return hidden, aux
+
+
+def _twice(x):
+    """Preference pairs with shared media (data/collator.py): the per-media values of the B prompts
+    for the 2B rows (chosen rows, then rejected rows in the same order). Encoder outputs (a dict of
+    per-image tuples, DeepStack lists of tuples) repeat their tuples; tensors and lists are
+    concatenated with themselves."""
+    if x is None:
+        return None
+    if hasattr(x, "pooler_output"):   # a ModelOutput (a dict too) of the vision tower
+        return type(x)(**{k: _twice(v) for k, v in x.items()})
+    if isinstance(x, dict):
+        return {k: _twice(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return x + x
+    if isinstance(x, list):
+        return [_twice(v) for v in x] if x and isinstance(x[0], tuple) else x + x
+    if torch.is_tensor(x):
+        return torch.cat([x, x])
+    raise TypeError(f"cannot repeat {type(x).__name__} for preference pairs")
 
 
 def text_sizes(t, prefix: str = "text_decoder") -> dict[str, int]:

@@ -57,6 +57,20 @@ def chunk_rows(n: int, compute_mode: str, chunk_size: int | None) -> int | None:
     raise ValueError(f"unknown loss_cfg.compute_mode {compute_mode!r}; one of {COMPUTE_MODES}")
 
 
+def _per_token(h: torch.Tensor, lm_head: torch.nn.Linear, t: torch.Tensor, compute_mode: str,
+               chunk_size: int | None) -> torch.Tensor:
+    """Cross-entropy of each trained position (rows of ``h``, targets ``t``), fp32 logits."""
+    rows = chunk_rows(h.shape[0], compute_mode, chunk_size)
+    from omnitune.ops.vocab_parallel import is_vocab_sharded
+    if is_vocab_sharded(lm_head.weight):   # tensor parallel: logits stay sharded on the vocabulary
+        from omnitune.ops.vocab_parallel import vocab_parallel_linear_cross_entropy
+        return vocab_parallel_linear_cross_entropy(h, lm_head.weight, lm_head.bias, t, rows)
+    if rows is None:
+        return F.cross_entropy(lm_head(h).float(), t, reduction="none")
+    from omnitune.ops.chunked_ce import chunked_linear_cross_entropy
+    return chunked_linear_cross_entropy(h, lm_head.weight, lm_head.bias, t, rows)
+
+
 def token_losses(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
                  weights: torch.Tensor | None = None, compute_mode: str = "default",
                  chunk_size: int | None = None, pre_shifted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,24 +82,27 @@ def token_losses(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.T
     """
     target = labels if pre_shifted else shift_labels(labels)
     mask = target != IGNORE_INDEX
-    h = hidden[mask]                      # only trained positions go through the vocab projection
-    t = target[mask]
-    rows = chunk_rows(h.shape[0], compute_mode, chunk_size)
-    from omnitune.ops.vocab_parallel import is_vocab_sharded
-    if is_vocab_sharded(lm_head.weight):   # tensor parallel: logits stay sharded on the vocabulary
-        from omnitune.ops.vocab_parallel import vocab_parallel_linear_cross_entropy
-        per_token = vocab_parallel_linear_cross_entropy(h, lm_head.weight, lm_head.bias, t, rows)
-    elif rows is None:
-        logits = lm_head(h).float()
-        per_token = F.cross_entropy(logits, t, reduction="none")
-    else:
-        from omnitune.ops.chunked_ce import chunked_linear_cross_entropy
-        per_token = chunked_linear_cross_entropy(h, lm_head.weight, lm_head.bias, t, rows)
+    # only trained positions go through the vocab projection
+    per_token = _per_token(hidden[mask], lm_head, target[mask], compute_mode, chunk_size)
     if weights is None:
         loss_sum = per_token.sum()
     else:
         loss_sum = (per_token * weights[mask].to(per_token.dtype)).sum()
     return loss_sum, mask.sum()
+
+
+def row_log_probs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
+                  compute_mode: str = "default", chunk_size: int | None = None,
+                  pre_shifted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (log-probability of each row's trained tokens, summed [B] fp32; trained tokens per
+    row [B]): what DPO (train/dpo.py) compares between policy and reference. Same logits path as
+    :func:`token_losses` (chunked / vocab-parallel included)."""
+    target = labels if pre_shifted else shift_labels(labels)
+    mask = target != IGNORE_INDEX
+    per_token = _per_token(hidden[mask], lm_head, target[mask], compute_mode, chunk_size)
+    row = mask.nonzero(as_tuple=True)[0]
+    logp = torch.zeros(mask.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(0, row, -per_token)
+    return logp, mask.sum(-1)
 
 
 # ------------------------------------------------------------------------------------- loss types

@@ -61,13 +61,15 @@ class Logger:
             self.total_time += dt
         tps = stats["tokens"] / dt if dt > 0 else 0.0
         self.last_loss = stats["loss"]
+        extra = stats.get("extra", {})   # DPO: rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy
         rec = {"iteration": iteration, "consumed_samples": consumed, "loss": stats["loss"], "lr": lr,
-               "grad_norm": stats["grad_norm"], "tokens": stats["tokens"], "step_time": dt, "tokens_per_s": tps}
+               "grad_norm": stats["grad_norm"], "tokens": stats["tokens"], "step_time": dt, "tokens_per_s": tps,
+               **extra}
         if self.metrics_file is not None:
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         self.sinks.log(iteration, {"train/loss": stats["loss"], "train/lr": lr, "train/grad_norm": stats["grad_norm"],
-                                   "train/tokens_per_s": tps})
+                                   "train/tokens_per_s": tps, **{"train/" + k: v for k, v in extra.items()}})
         if show:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             line = (f"[{stamp}] iteration {iteration:8d}/{self.train_iters:8d} | consumed samples: {consumed:12d} | "
@@ -76,6 +78,8 @@ class Logger:
                     f"tokens/s: {sig3(tps)} |")
             if self.log_tps:
                 line += f" tokens per sample: {stats['tokens'] / gbs:.1f} |"
+            for k, v in extra.items():
+                line += f" {k}: {v:.4f} |"
             self.write(line)
         self.bar.update(stats["loss"], tps)
 

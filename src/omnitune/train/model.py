@@ -11,7 +11,7 @@ from torch import nn
 
 from omnitune.config.errors import ConfigError
 from omnitune.models.base import ModelFamily
-from omnitune.train.loss import token_losses
+from omnitune.train.loss import row_log_probs, token_losses
 
 
 class TrainModel(nn.Module):
@@ -41,8 +41,11 @@ class TrainModel(nn.Module):
             except ValueError as e:
                 raise ConfigError(f"model.json loss_cfg.router_aux_loss_coef: {e}; remove it") from None
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (sum of token losses, trained-token count, aux term to add to the loss).
+    def forward(self, batch: dict, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (sum of token losses, trained-token count, aux term to add to the loss); with
+        ``per_row`` (DPO): (log-probability of each row's trained tokens [B], trained tokens per row
+        [B], aux term) instead of the first two. Both go through this ``forward`` so FSDP2's root
+        hooks gather the root parameters either way.
 
         With ``batch["loss_weights"]`` ([B, S], see train.loss.token_weights) the first item is the
         weighted sum. The aux term holds ``router_aux_loss_coef x`` the router load-balancing loss of
@@ -61,8 +64,14 @@ class TrainModel(nn.Module):
             labels, weights = self.cp.shifted_local(labels, weights)
             mask = None if mask is None else self.cp.local(mask, 1, 0)
             assert hidden.shape[1] == labels.shape[1], (hidden.shape, labels.shape)
-        loss_sum, n = token_losses(hidden, self.family.lm_head(self.hf), labels, weights, self.compute_mode,
-                                   self.chunk_size, pre_shifted=self.cp is not None)
+        if per_row:
+            if self.cp is not None:
+                raise NotImplementedError("per-row log-probs under context parallelism")
+            loss_sum, n = row_log_probs(hidden, self.family.lm_head(self.hf), labels, self.compute_mode,
+                                        self.chunk_size)
+        else:
+            loss_sum, n = token_losses(hidden, self.family.lm_head(self.hf), labels, weights, self.compute_mode,
+                                       self.chunk_size, pre_shifted=self.cp is not None)
         if router is not None:    # under cp: the load-balancing loss of this rank's tokens
             aux = aux + self.router_aux_coef * router.loss(mask).to(aux.dtype)
         return loss_sum, n, aux

@@ -46,6 +46,7 @@ class Plan:
     lora: object = None       # train.lora.LoraSpec, or None (full training)
     lora_base: tuple | None = None   # LoRA: ("hf" | "mm", path) of the base weights
     lora_report: str = ""     # LoRA: the adapter line of --dry-run (set by preflight)
+    dpo: object = None        # train.dpo.DpoSpec (data.json attr.ranking), or None (SFT)
 
     def describe(self) -> str:
         a, dims = self.args, self.dims
@@ -68,6 +69,7 @@ class Plan:
             *([self.lora_report or f"lora       : {' '.join(self.lora.targets)}, r {self.lora.r}, alpha "
                                     f"{self.lora.alpha}", f"lora base  : {self.lora_base[0]} {self.lora_base[1]}"]
               if self.lora else []),
+            *([self.dpo.describe()] if self.dpo else []),
             f"save       : {a.save or '-'} every {a.save_interval or '-'} iters",
         ]
         if self.ignored_flags:
@@ -179,6 +181,9 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
         load_kind, load_path = "hf", hf_dir
     plan = Plan(args, data_cfg, model_cfg, family, hf_dir, hf_config, load_kind, load_path, ignored, dims, grad_acc)
     _plan_lora(plan, meta if load_kind == "resume" else None)
+    from omnitune.train.dpo import spec_from
+    plan.dpo = spec_from(args, data_cfg, args.mm_data, load_kind=load_kind, load_path=load_path,
+                         lora_base=plan.lora_base, resume_state=meta if load_kind == "resume" else None)
     if dry_run:
         preflight(plan)
     return plan, dry_run
@@ -306,7 +311,8 @@ class Trainer:
         self.streaming = plan.data_cfg.dataset_param.basic_parameters.streaming
         self.num_workers = dl.num_workers if dl.num_workers is not None else a.num_workers  # data.json wins
         collate = Collator(processor.tokenizer.pad_token_id,
-                           use_audio_in_video=plan.data_cfg.dataset_param.preprocess_parameters.use_audio_in_video)
+                           use_audio_in_video=plan.data_cfg.dataset_param.preprocess_parameters.use_audio_in_video,
+                           share_pair_media=plan.dpo is not None)
         if self.streaming:
             from omnitune.data.streaming import build_streaming_datasets
             self.dataset, self.val_dataset = build_streaming_datasets(
@@ -357,6 +363,10 @@ class Trainer:
             self.log(report.describe())
         self.optimizer = build_optimizer(self.model, a.lr, a.weight_decay, (a.adam_beta1, a.adam_beta2),
                                          a.adam_eps, allow_empty=a.enable_dummy_optimizer)
+        self.reference = self.ref_model = None
+        if plan.dpo is not None:   # never trained; sharded like the policy, or the policy without adapters
+            from omnitune.train.dpo import build_reference
+            self.reference, self.ref_model = build_reference(plan, dims, dist_ctx.device, self.model)
         self.iteration = 0
         self.consumed = 0
         if plan.load_kind == "resume":
@@ -430,6 +440,8 @@ class Trainer:
         part; counts are summed over DP only. The router aux term is a mean over micro-batches and
         DP x CP ranks (under CP: the mean of the sequence chunks' load-balancing losses, which is
         close to but not exactly the whole sequence's: that loss is not additive over tokens)."""
+        if self.plan.dpo is not None:
+            return self.dpo_step(micro_batches)
         from omnitune.train.loss import local_counts, token_weights
 
         a, dev, dims = self.args, self.d.device, self.dims
@@ -463,6 +475,50 @@ class Trainer:
         out = {"loss": stats[0].item() + stats[1].item(), "tokens": stats[2].item(), "grad_norm": grad_norm}
         if self.model.router_aux_coef:
             out["aux_loss"] = stats[1].item()
+        return out
+
+    def dpo_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step of DPO (train/dpo.py): the mean pair loss over the global batch. Each
+        micro-batch's pairs get weight 1 / (pairs in the global batch, counted over DP up front), so
+        the step is the same for any micro x grad-acc x DP split; FSDP2's average over the DP ranks
+        is undone by the ``dp`` factor as in :meth:`train_step`. The reference runs first, under
+        no_grad, on the same batch."""
+        from omnitune.train.dpo import pair_losses
+
+        a, dev, dims, spec = self.args, self.d.device, self.dims, self.plan.dpo
+        model, scale = self.model, dims.dp_cp
+        pairs = torch.tensor(float(sum(mb["input_ids"].shape[0] // 2 for mb in micro_batches)),
+                             dtype=torch.float64, device=dev)
+        if dims.dp > 1:
+            dist.all_reduce(pairs, group=dims.group("dp"))
+        # loss, aux, tokens, chosen rewards, rejected rewards, margin, accuracy (sums over pairs)
+        acc = torch.zeros(7, dtype=torch.float64, device=dev)
+        for i, mb in enumerate(micro_batches):
+            mb = _to_device(mb, dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
+                ref_logp, _ = self.reference(mb)
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
+                logp, n, aux = model(mb, per_row=True)
+            out = pair_losses(spec, logp, ref_logp, n)
+            part = out["loss"].sum() / pairs
+            (part * scale + aux / len(micro_batches)).backward()
+            c, r = out["chosen_rewards"].double(), out["rejected_rewards"].double()
+            acc += torch.stack([part.detach().double() * pairs, aux.detach().double() / (len(micro_batches) * dims.dp),
+                                torch.tensor(float(mb["attention_mask"].sum()), dtype=torch.float64, device=dev),
+                                c.sum(), r.sum(), (c - r).sum(), (c > r).double().sum()])
+        grad_norm = self._clip_grad()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if dims.dp > 1:   # TP ranks hold the same values
+            dist.all_reduce(acc, group=dims.group("dp"))
+        p = float(pairs)
+        out = {"loss": acc[0].item() / p + acc[1].item(), "tokens": acc[2].item(), "grad_norm": grad_norm,
+               "extra": {"rewards/chosen": acc[3].item() / p, "rewards/rejected": acc[4].item() / p,
+                         "rewards/margin": acc[5].item() / p, "rewards/accuracy": acc[6].item() / p}}
+        if self.model.router_aux_coef:
+            out["aux_loss"] = acc[1].item()
         return out
 
     def _clip_grad(self) -> float:
@@ -553,8 +609,16 @@ class Trainer:
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=dev)
         for mb in self._make_loader(batches, self.val_dataset):
+            mb = _to_device(mb, dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
-                loss_sum, count, _ = self.model(_to_device(mb, dev))
+                if self.plan.dpo is not None:   # the DPO loss, mean over the validation pairs
+                    from omnitune.train.dpo import pair_losses
+                    ref_logp, _ = self.reference(mb)
+                    logp, n, _ = self.model(mb, per_row=True)
+                    loss = pair_losses(self.plan.dpo, logp, ref_logp, n)["loss"]
+                    loss_sum, count = loss.sum(), torch.tensor(loss.numel(), device=dev)
+                else:
+                    loss_sum, count, _ = self.model(mb)
             totals += torch.stack([loss_sum.double(), count.double()])
         self.model.train()
         if dims.dp_cp > 1:   # CP ranks: loss and count of their own tokens
@@ -574,6 +638,8 @@ class Trainer:
                  "hf_dir": str(Path(self.plan.hf_dir).resolve()),
                  "scheduler": {"lr": a.lr, "min_lr": a.min_lr, "warmup_iters": a.warmup_iters,
                                "decay_style": a.lr_decay_style, "num_steps": self.iteration}}
+        if self.plan.dpo is not None:
+            state["dpo"] = self.plan.dpo.to_json()
         if self.plan.lora is not None:
             kind, base = self.plan.lora_base
             state["lora"] = dict(self.plan.lora.to_json(), base=str(Path(base).resolve()), base_kind=kind,
