@@ -202,19 +202,23 @@ def test_dpo_learns_a_separable_preference_set_with_recompute(tmp_path, tiny_qwe
     assert len(ea.Scalars("train/rewards/margin")) == 10
 
 
+@pytest.mark.slow
 def test_dpo_two_ranks_match_one_rank(tmp_path, tiny_qwen2vl):
+    """1 process (grad-acc 4) = DP 2 (grad-acc 2) = TP 2 (policy and reference tensor parallel)."""
     data_json, model_json = _separable(tmp_path, tiny_qwen2vl)
     got = {}
-    for n in (1, 2):
-        save = tmp_path / f"save{n}"
-        omnitune(["train", "--nproc-per-node", str(n),
+    for tag, extra in (("one", []), ("dp2", ["--nproc-per-node", "2"]),
+                       ("tp2", ["--nproc-per-node", "2", "--tensor-model-parallel-size", "2"])):
+        save = tmp_path / tag
+        omnitune(["train", *extra,
                   *train_flags(data_json, model_json, iters=4, save=save, load=tiny_qwen2vl, mbs=1, gbs=4),
                   "--no-progress-bar"])
-        got[n] = _records(save)
-    for i in range(1, 5):
-        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy"):
-            assert got[2][i][key] == pytest.approx(got[1][i][key], abs=1e-4), (i, key)
-    assert got[1][4]["rewards/margin"] > 0
+        got[tag] = _records(save)
+    for tag in ("dp2", "tp2"):
+        for i in range(1, 5):
+            for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy"):
+                assert got[tag][i][key] == pytest.approx(got["one"][i][key], abs=1e-4), (tag, i, key)
+    assert got["one"][4]["rewards/margin"] > 0
 
 
 @pytest.fixture
