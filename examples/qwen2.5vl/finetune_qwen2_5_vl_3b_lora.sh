@@ -20,7 +20,7 @@ LOAD_PATH="${LOAD_PATH:-ckpt/mm_path/Qwen2.5-VL-3B-Instruct}"
 SAVE_PATH="${SAVE_PATH:-save_dir_lora}"
 BASE_MODEL="${BASE_MODEL:-}"
 
-# omnitune shards with FSDP2 over all ranks; TP/PP/CP > 1 come in a later version.
+# LoRA trains under FSDP2 data parallel: TP / CP / EP > 1 with LoRA are refused in this version; PP is not implemented.
 TP=1
 PP=1
 CP=1

@@ -16,7 +16,7 @@ MM_MODEL="${MM_MODEL:-./examples/qwen2vl/model_2b.json}"
 LOAD_PATH="${LOAD_PATH:-ckpt/hf_path/Qwen2-VL-2B-Instruct}"
 SAVE_PATH="${SAVE_PATH:-save_dir}"
 
-# omnitune shards with FSDP2 over all ranks; TP/PP/CP > 1 come in a later version.
+# TP and CP work here (checked before launch: heads, kv heads, batch); PP > 1 is not implemented in this version.
 TP=1
 PP=1
 CP=1
