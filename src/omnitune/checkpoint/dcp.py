@@ -285,11 +285,36 @@ def check_save_dir(path: str | Path, flag: str = "--save") -> None:
                               f"a writable file system, or fix its permissions") from None
 
 
+def tied_aliases(model) -> dict[str, str]:
+    """{state-dict key: key it is tied to} for parameters reachable under two names (a tied
+    lm_head / embedding). The alias holds no data of its own."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
 def _model_state(model, key_filter=None, options=None) -> dict:
+    """The model part of a checkpoint: every tensor once. A tied weight is saved under its first
+    name only (checkpoints before this change hold it twice; loading them reads the first name and
+    ignores the copy); :func:`_with_aliases` puts the alias back before ``set_model_state_dict``."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     sd = get_model_state_dict(model, options=options)
+    for alias in tied_aliases(model):
+        sd.pop(alias, None)
     return sd if key_filter is None else {k: v for k, v in sd.items() if key_filter(k)}
+
+
+def _with_aliases(model, sd: dict) -> dict:
+    for alias, src in tied_aliases(model).items():
+        if src in sd:
+            sd[alias] = sd[src]
+    return sd
 
 
 def is_training_checkpoint_root(path: str | Path) -> bool:
@@ -380,7 +405,7 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
     todo = strided_placeholders(state)
     safe_dcp.load(state, ckpt)
     fill_strided(todo)
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=key_filter is None))
+    set_model_state_dict(model, _with_aliases(model, state["model"]), options=StateDictOptions(strict=key_filter is None))
     if want_optim:
         set_optimizer_state_dict(model, optimizer, state["optim"])
     meta["rng_restored"] = False
@@ -400,4 +425,4 @@ def load_model_weights_from_dcp(ckpt: str | Path, model, key_filter=None) -> Non
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     sd = _model_state(model, key_filter, options=StateDictOptions())
     safe_dcp.load({"model": sd}, ckpt, no_dist=True)
-    set_model_state_dict(model, sd, options=StateDictOptions(strict=key_filter is None))
+    set_model_state_dict(model, _with_aliases(model, sd), options=StateDictOptions(strict=key_filter is None))

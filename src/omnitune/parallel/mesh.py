@@ -73,6 +73,12 @@ def init_distributed(timeout_minutes: int = 10) -> Dist:
     return Dist(device, backend, rank, local_rank, world, mesh)
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = False) -> None:
+    """Destroy the process groups. ``wait`` (a run that ended well on every rank): first a barrier,
+    so no rank tears its gloo pairs down while a peer still works or has collectives in flight
+    (measured: a rank that left first while rank 0 was still writing its plot aborted with
+    "terminate called without an active exception" once in a CI run)."""
     if dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

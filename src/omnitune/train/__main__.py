@@ -14,17 +14,27 @@ import sys
 import tempfile
 
 # waits until the launcher (argv[1], a pid) has exited, at most 120 s, prints argv[2] to stderr and
-# removes the marker argv[3]
+# removes the marker argv[3]. A launcher that exited but is not reaped yet (a zombie: its parent, e.g.
+# Python's subprocess.run with pipes, reaps it only after our stderr closes) counts as exited, or the
+# two would wait on each other for the whole 120 s (measured).
 _AFTER_LAUNCHER = """
 import os, sys, time
 pid, line, marker, end = int(sys.argv[1]), sys.argv[2], sys.argv[3], time.monotonic() + 120
-while time.monotonic() < end:
+
+def alive():
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        break
+        return False
     except PermissionError:
         pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+while time.monotonic() < end and alive():
     time.sleep(0.05)
 sys.stderr.write(line + "\\n")
 try:

@@ -675,14 +675,16 @@ def run(plan: Plan, report=_print_error) -> int:
     from omnitune.parallel.mesh import init_distributed, shutdown
 
     d = init_distributed(plan.args.distributed_timeout_minutes)
+    ok = False
     try:
         if d.is_main:
             print(plan.describe(), flush=True)
         trainer = Trainer(plan, d)
         trainer.fit()
+        ok = True
     except (ConfigError, DataError) as e:
         report(str(e))
         return 2
     finally:
-        shutdown()
+        shutdown(wait=ok)
     return 0
