@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 # e.g. make TORCH_SPEC="torch==2.7.1 torch_npu==2.7.1" for Ascend.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.omnitune-installed
+# make test: test files spread over this many processes (pytest-xdist; one torch thread each)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench install clean
 
@@ -21,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/omnitune demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=30
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py

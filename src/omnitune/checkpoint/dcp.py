@@ -173,7 +173,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trai
         if partial.exists():
             shutil.rmtree(partial)
     fail.agree(_attempt(prepare) if _rank() == 0 else None)
-    state = {"model": _model_state(model, key_filter)}
+    state = {"model": model_state(model, key_filter)}
     if save_optim and optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     from torch.distributed.checkpoint.api import CheckpointException
@@ -286,8 +286,9 @@ def check_save_dir(path: str | Path, flag: str = "--save") -> None:
 
 
 def tied_aliases(model) -> dict[str, str]:
-    """{state-dict key: key it is tied to} for parameters reachable under two names (a tied
-    lm_head / embedding). The alias holds no data of its own."""
+    """{state-dict key: key it is tied to}: parameters reachable under two names (a tied lm_head /
+    embedding: one tensor), and the model's declared ties (transformers' ``all_tied_weights_keys``,
+    also when a plan left them two tensors equal by value). The alias is not stored."""
     first: dict[int, str] = {}
     out = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -295,13 +296,17 @@ def tied_aliases(model) -> dict[str, str]:
             out[name] = first[id(p)]
         else:
             first[id(p)] = name
+    names = set(first.values()) | set(out)
+    for tgt, src in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if tgt in names and src in names and tgt != src and src not in out:
+            out.setdefault(tgt, src)
     return out
 
 
-def _model_state(model, key_filter=None, options=None) -> dict:
-    """The model part of a checkpoint: every tensor once. A tied weight is saved under its first
-    name only (checkpoints before this change hold it twice; loading them reads the first name and
-    ignores the copy); :func:`_with_aliases` puts the alias back before ``set_model_state_dict``."""
+def model_state(model, key_filter=None, options=None) -> dict:
+    """The model part of a checkpoint: every weight once. A tied weight is saved under its source
+    name only (checkpoints written before held it twice; loading them reads the source name and
+    ignores the copy); :func:`with_aliases` puts the alias back before ``set_model_state_dict``."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     sd = get_model_state_dict(model, options=options)
@@ -310,7 +315,8 @@ def _model_state(model, key_filter=None, options=None) -> dict:
     return sd if key_filter is None else {k: v for k, v in sd.items() if key_filter(k)}
 
 
-def _with_aliases(model, sd: dict) -> dict:
+def with_aliases(model, sd: dict) -> dict:
+    """``sd`` with every tied alias mapped to its source's tensor (for ``set_model_state_dict``)."""
     for alias, src in tied_aliases(model).items():
         if src in sd:
             sd[alias] = sd[src]
@@ -395,7 +401,7 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
                                                          set_optimizer_state_dict)
     ckpt = Path(ckpt)
     meta = read_trainer_state(ckpt)
-    state = {"model": _model_state(model, key_filter)}
+    state = {"model": model_state(model, key_filter)}
     want_optim = load_optim and optimizer is not None
     if want_optim and not meta.get("has_optim", False):
         raise ValueError(f"{ckpt} holds no optimizer state (saved with --no-save-optim); "
@@ -405,7 +411,7 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
     todo = strided_placeholders(state)
     safe_dcp.load(state, ckpt)
     fill_strided(todo)
-    set_model_state_dict(model, _with_aliases(model, state["model"]), options=StateDictOptions(strict=key_filter is None))
+    set_model_state_dict(model, with_aliases(model, state["model"]), options=StateDictOptions(strict=key_filter is None))
     if want_optim:
         set_optimizer_state_dict(model, optimizer, state["optim"])
     meta["rng_restored"] = False
@@ -423,6 +429,6 @@ def load_model_weights_from_dcp(ckpt: str | Path, model, key_filter=None) -> Non
     """Single-process load of the model part of a checkpoint into a plain (unsharded) model
     (``key_filter``: only the tensors it accepts, e.g. a LoRA checkpoint's adapters)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    sd = _model_state(model, key_filter, options=StateDictOptions())
+    sd = model_state(model, key_filter, options=StateDictOptions())
     safe_dcp.load({"model": sd}, ckpt, no_dist=True)
-    set_model_state_dict(model, _with_aliases(model, sd), options=StateDictOptions(strict=key_filter is None))
+    set_model_state_dict(model, with_aliases(model, sd), options=StateDictOptions(strict=key_filter is None))

@@ -600,20 +600,21 @@ class _FileSlice(io.RawIOBase):
 def _load_training_dcp(path, hf: nn.Module, targets: dict[str, _Target]) -> None:
     """omnitune's own checkpoint: DCP reads only the chunks overlapping this rank's shards (through
     checkpoint.safe_dcp: no code from the folder; a bad file is named)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     from omnitune.checkpoint import dcp as ckpt_io
     from omnitune.checkpoint import safe_dcp
 
     p = Path(path)
     ckpt = p if (p / ".metadata").is_file() else ckpt_io.resolve_checkpoint(p)
-    sd = get_model_state_dict(hf)
+    sd = ckpt_io.model_state(hf)              # a tied weight once (its alias: filled below)
     todo = ckpt_io.strided_placeholders(sd)   # TP's fused qkv: read whole, sliced after
     try:
         safe_dcp.load({"model": sd}, ckpt)
     except safe_dcp.CheckpointError as e:
         raise safe_dcp.CheckpointError(f"--load {path}: {e}") from None
     ckpt_io.fill_strided(todo)
+    sd = ckpt_io.with_aliases(hf, sd)
     set_model_state_dict(hf, sd)
     for name in sd:
         if name in targets:
