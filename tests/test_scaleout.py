@@ -1,6 +1,6 @@
 """Scale-out through the real CLI (issue 9 acceptance), tiny models on gloo:
 
-- per family, layouts (TP2, CP2, DP2 x TP2, EP2 for MoE; see CASES) train 10 iterations of the
+- per family, each layout (TP2, CP2, DP2 x TP2, DP2 x CP2, EP2 for MoE) trains 10 iterations of the
   same global batches as one process (global batch 4, micro-batch 1: the one process accumulates 4
   micro-batches) and logs the same per-step losses (1e-4 relative) and step-1 gradient norm (1e-5);
   the data have images, videos (and audio for Omni) and odd sequence lengths (CP pads them);
@@ -36,11 +36,8 @@ LAYOUTS = {   # name -> (processes, flags)
     "dp2_cp2": (4, ["--context-parallel-size", "2"]),
     "ep2": (2, ["--expert-model-parallel-size", "2"]),
 }
-# Suite time: DP2 x CP2 (Qwen2-VL) and CP2 (Qwen3-VL-MoE, Qwen3-Omni) run in test_cp.py at gradient level
-# (test_dp2_cp2_matches_one_process, test_cp2_matches_one_process); here the layouts whose runs the
-# later checks reuse (DP2 x TP2: resume, export) plus one of each kind per family.
-CASES = [("qwen2_vl", ["tp2", "cp2", "dp2_tp2"]),
-         ("qwen3_vl_moe", ["tp2", "dp2_tp2", "ep2"]),
+CASES = [("qwen2_vl", ["tp2", "cp2", "dp2_tp2", "dp2_cp2"]),
+         ("qwen3_vl_moe", ["tp2", "cp2", "dp2_tp2", "dp2_cp2", "ep2"]),
          ("qwen2_5_omni", ["tp2"])]
 
 
