@@ -74,7 +74,9 @@ class BasicParameters(_Strict):
         description="fraction of the training set split off for validation (map-style only)")
     cutoff_len: int | None = Field(None, ge=1,
         description="length limit; the smaller of this and --seq-length applies")
-    packing: bool = Field(False, description="true is refused (not implemented)")
+    packing: bool = Field(False,
+        description="pack several samples per row of --seq-length tokens (own positions, block-diagonal attention); "
+                    "micro/global batch sizes then count rows")
     enable_thinking: bool | None = Field(None,
         description="reasoning templates (qwen3_vl, qwen3_omni): false removes thoughts; null means true")
 
@@ -163,8 +165,9 @@ def unsupported_features(cfg: DataConfig) -> list[str]:
     if b.template not in IMPLEMENTED:
         out.append(f"basic_parameters.template {b.template!r}: not implemented in this version; "
                    f"known: {sorted(IMPLEMENTED)}")
-    if b.packing:
-        out.append("basic_parameters.packing: true is not implemented in this version; remove it or set false")
+    if b.packing and a.ranking:
+        out.append("basic_parameters.packing: true does not apply to preference pairs (attr.ranking: a pair is "
+                   "two rows); set packing false for DPO")
     if b.streaming and b.val_rate is not None:
         out.append("basic_parameters.val_rate cannot split a streamed dataset (it has no known size); with "
                    "streaming: true give a val_dataset instead")

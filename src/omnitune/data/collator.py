@@ -27,6 +27,10 @@ class Collator:
     ``pair_media_shared=True`` in the batch: the family's forward then encodes each pair's images
     and videos once and uses the features for both rows (models/base.py ``forward_hidden``).
 
+    Packed items (``{"packed": [items]}``, data/packing.py) become one row each: the samples'
+    sequences one after the other, the first label of each sample set to -100, and
+    ``segment_ids`` [B, S] (sample number inside the row, -1 on padding); media in sample order.
+
     ``use_audio_in_video`` (data.json preprocess_parameters): the batch then carries
     ``use_audio_in_video=True`` when it has videos, which the Omni models need to place the
     interleaved audio and video positions.
@@ -39,7 +43,11 @@ class Collator:
 
     def __call__(self, items: list[dict]) -> dict:
         shared = False
-        if items and "chosen_input_ids" in items[0]:
+        packed = bool(items) and "packed" in items[0]
+        if packed:   # data/packing.py: each item is the samples of one row
+            rows = [pack_row(it["packed"]) for it in items]
+            media = [s for it in items for s in it["packed"]]
+        elif items and "chosen_input_ids" in items[0]:
             rows = [{k: it[f"{side}_{k}"] for k in SEQUENCE_KEYS} for side in ("chosen", "rejected") for it in items]
             shared = self.share_pair_media
             media = items if shared else [it for _ in range(2) for it in items]
@@ -54,6 +62,11 @@ class Collator:
             for i, r in enumerate(rows):
                 out[i, :len(r[key])] = r[key]
             batch[key] = out
+        if packed:
+            seg = torch.full((len(rows), length), -1, dtype=torch.long)
+            for i, r in enumerate(rows):
+                seg[i, :len(r["segment_ids"])] = r["segment_ids"]
+            batch["segment_ids"] = seg
         batch["num_tokens"] = int(batch["attention_mask"].sum())
         for key in CONCAT_KEYS:
             parts = [it[key] for it in media if key in it]
@@ -77,3 +90,14 @@ class Collator:
         if shared:
             batch["pair_media_shared"] = True
         return batch
+
+
+def pack_row(samples: list[dict]) -> dict:
+    """One packed row: the samples' sequences concatenated, each sample's first label ignored (its
+    first token is never a target, as unpacked), and ``segment_ids`` numbering the samples."""
+    row = {k: torch.cat([s[k] for s in samples]) for k in SEQUENCE_KEYS}
+    row["labels"] = row["labels"].clone()
+    starts = torch.tensor([0] + [len(s["input_ids"]) for s in samples]).cumsum(0)
+    row["labels"][starts[:-1]] = IGNORE_INDEX
+    row["segment_ids"] = torch.repeat_interleave(torch.arange(len(samples)), starts.diff())
+    return row

@@ -152,7 +152,7 @@ class StreamingSFTDataset(IterableDataset):
 
     def __init__(self, cfg: DataConfig, processor, seq_length: int, *, micro_batch_size: int,
                  collate_fn, dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0,
-                 shuffle: bool = False, seed: int = 1234):
+                 shuffle: bool = False, seed: int = 1234, pack_capacity: int | None = None):
         from omnitune.data.dataset import SFTDataset
 
         if not 0 <= dp_rank < dp_size or micro_batch_size < 1:
@@ -168,6 +168,9 @@ class StreamingSFTDataset(IterableDataset):
         self._pos = [0] * self.num_workers
         self._batches = 0
         self.shuffle, self.seed = shuffle, seed
+        #: packing (data/packing.py): each micro-batch is micro_batch_size rows of samples packed
+        #: greedily in reading order up to this many tokens; None: one sample per row
+        self.pack_capacity = pack_capacity
 
     # -- position -----------------------------------------------------------------------------
     def advance(self, stream_state: dict) -> None:
@@ -178,17 +181,18 @@ class StreamingSFTDataset(IterableDataset):
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "micro_batch_size": self.micro_batch_size, "num_workers": self.num_workers,
-                "shuffle": self.shuffle, "seed": self.seed, "batches": self._batches, "workers": list(self._pos),
+                "shuffle": self.shuffle, "seed": self.seed, "pack_capacity": self.pack_capacity, "batches": self._batches, "workers": list(self._pos),
                 "files": [str(f) for f in self.files]}
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
         want = {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "micro_batch_size": self.micro_batch_size,
-                "num_workers": self.num_workers, "shuffle": self.shuffle, "seed": self.seed}
+                "num_workers": self.num_workers, "shuffle": self.shuffle, "seed": self.seed,
+                "pack_capacity": self.pack_capacity}
         got = {k: state.get(k) for k in want}
         if state.get("format") != STATE_FORMAT or got != want:
             raise DataError(f"{source}: the streaming position was saved with {got} but this run has {want}; "
-                            f"resume with the same number of ranks, --micro-batch-size, num_workers, shuffle "
-                            f"and --seed (positions are per rank and per DataLoader worker)")
+                            f"resume with the same number of ranks, --micro-batch-size, num_workers, shuffle, "
+                            f"--seed and packing / --seq-length (positions are per rank and per DataLoader worker)")
         if state.get("files") != [str(f) for f in self.files]:
             raise DataError(f"{source}: the streaming position belongs to the dataset files {state.get('files')} "
                             f"but this run reads {[str(f) for f in self.files]}")
@@ -249,6 +253,7 @@ class StreamingSFTDataset(IterableDataset):
             raise DataError(f"{self.cfg.source}: streaming: data-parallel rank {self.dp_rank} of {self.dp_size} "
                             f"gets no sample (the datasets hold fewer records than ranks)")
         mbs, items, drops = self.micro_batch_size, [], 0
+        row, row_len = [], 0   # packing: the row being filled
         period = mbs * n_workers
         since_usable = 0  # items looked at since the last usable one of this worker
         big_j = self._pos[w]
@@ -280,6 +285,19 @@ class StreamingSFTDataset(IterableDataset):
                     continue
                 since_usable = 0
                 seqs, _cut, meta = res
+                if self.pack_capacity:   # greedy packing: a sample that does not fit starts the next row
+                    n = len(seqs[0][0])
+                    if row and row_len + n > self.pack_capacity:
+                        items.append({"packed": row})
+                        row, row_len = [], 0
+                        if len(items) == mbs:   # this sample is not in the batch: resume re-reads it
+                            batch = self.collate_fn(items)
+                            batch["stream_state"] = {"worker": w, "next": big_j}
+                            items = []
+                            yield batch
+                    row.append(self.encoder.make_item(seqs, meta))
+                    row_len += n
+                    continue
                 items.append(self.encoder.make_item(seqs, meta))
                 if len(items) == mbs:
                     batch = self.collate_fn(items)
@@ -290,7 +308,8 @@ class StreamingSFTDataset(IterableDataset):
 
 
 def build_streaming_datasets(cfg: DataConfig, processor, seq_length: int, *, micro_batch_size: int,
-                             collate_fn, dp_rank: int, dp_size: int, num_workers: int, seed: int = 1234):
+                             collate_fn, dp_rank: int, dp_size: int, num_workers: int, seed: int = 1234,
+                             pack_capacity: int | None = None):
     """(streaming train set, map-style validation set or None). Validation with streaming comes
     from ``val_dataset`` (built map-style, capped by val_max_samples); val_rate is refused by
     config validation (a stream has no size to split)."""
@@ -298,7 +317,7 @@ def build_streaming_datasets(cfg: DataConfig, processor, seq_length: int, *, mic
 
     train = StreamingSFTDataset(cfg, processor, seq_length, micro_batch_size=micro_batch_size,
                                 collate_fn=collate_fn, dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers,
-                                shuffle=cfg.dataloader_param.shuffle, seed=seed)
+                                shuffle=cfg.dataloader_param.shuffle, seed=seed, pack_capacity=pack_capacity)
     b = cfg.dataset_param.basic_parameters
     if b.val_dataset is None:
         return train, None

@@ -263,6 +263,16 @@ class ModelFamily:
         out = model.model.get_audio_features(dfeat, dmask, return_dict=True)
         return {}, self._output_sum(out) * 0.0
 
+    def rope_index(self, model: nn.Module, sub: dict) -> torch.Tensor:
+        """3-D mRoPE position ids [3, n, L] of n right-padded samples (``sub``: input_ids,
+        attention_mask, mm_token_type_ids and the media grids of those samples in order), from the
+        HF model's own ``get_rope_index``; used for packed rows (ops/packing.py)."""
+        pos, _ = model.model.get_rope_index(sub["input_ids"], sub["mm_token_type_ids"],
+                                            image_grid_thw=sub.get("image_grid_thw"),
+                                            video_grid_thw=sub.get("video_grid_thw"),
+                                            attention_mask=sub["attention_mask"])
+        return pos
+
     #: batch keys passed through to the HF model's forward as they are (besides ids/mask/grids)
     forward_batch_keys: tuple[str, ...] = ("mm_token_type_ids",)
 
@@ -284,9 +294,14 @@ class ModelFamily:
             audio_kwargs = {k: _twice(v) for k, v in audio_kwargs.items()}
             extra = {k: (v if k in ("mm_token_type_ids", "use_audio_in_video") else _twice(v))
                      for k, v in extra.items()}
+        attention_mask = batch.get("attention_mask")
+        if batch.get("segment_ids") is not None:   # packed rows: per-sample positions, block-diagonal attention
+            from omnitune.ops.packing import packed_position_ids
+            extra["position_ids"] = packed_position_ids(self, model, batch, getattr(model.config, "pad_token_id", 0) or 0)
+            attention_mask = None
         outputs = model.model(
             input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
+            attention_mask=attention_mask,
             image_grid_thw=igrid,
             video_grid_thw=vgrid,
             mm_encoder_outputs=mm,
@@ -300,6 +315,18 @@ class ModelFamily:
             if a is not None:
                 aux = aux + a
         return hidden, aux
+
+
+def omni_rope_index(model: nn.Module, sub: dict) -> torch.Tensor:
+    """:meth:`ModelFamily.rope_index` of the Omni thinkers: audio lengths from
+    feature_attention_mask, audio-in-video interleave and seconds per video grid as the HF forward
+    passes them."""
+    fam = sub.get("feature_attention_mask")
+    pos, _ = model.model.get_rope_index(
+        sub["input_ids"], sub.get("image_grid_thw"), sub.get("video_grid_thw"), sub["attention_mask"],
+        bool(sub.get("use_audio_in_video", False)), None if fam is None else fam.sum(1),
+        sub.get("video_second_per_grid"))
+    return pos
 
 
 def _twice(x):

@@ -106,29 +106,45 @@ def row_log_probs(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.
 
 
 # ------------------------------------------------------------------------------------- loss types
-def local_counts(labels_list: list[torch.Tensor]) -> torch.Tensor:
-    """[trained tokens, samples with >= 1 trained token] over this rank's micro-batches (float64)."""
+def sample_trained_counts(labels: torch.Tensor, segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(trained-token count of each sample, and for each position the index of its sample in that
+    count vector). A sample is a row, or with packing (``segments`` [B, S], data/packing.py) one
+    segment of a row; padding positions map to a slot of their own (never trained)."""
+    mask = trained_mask(labels)
+    if segments is None:
+        return mask.sum(-1), torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+    width = int(segments.max()) + 2
+    slot = torch.arange(labels.shape[0], device=labels.device)[:, None] * width + segments + 1
+    return torch.bincount(slot.flatten(), weights=mask.flatten().double(), minlength=labels.shape[0] * width), slot
+
+
+def local_counts(labels_list: list[torch.Tensor], segments_list: list | None = None) -> torch.Tensor:
+    """[trained tokens, samples with >= 1 trained token] over this rank's micro-batches (float64).
+    With packing, ``segments_list`` holds each micro-batch's ``segment_ids``: samples are counted
+    inside the rows."""
     tokens = samples = 0
-    for labels in labels_list:
-        per_sample = trained_mask(labels).sum(-1)
+    for k, labels in enumerate(labels_list):
+        per_sample, _ = sample_trained_counts(labels, segments_list[k] if segments_list else None)
         tokens += int(per_sample.sum())
         samples += int((per_sample > 0).sum())
     return torch.tensor([tokens, samples], dtype=torch.float64)
 
 
 def token_weights(labels: torch.Tensor, loss_type: str, *, micro_batches: int,
-                  global_tokens: float, global_samples: float) -> torch.Tensor:
+                  global_tokens: float, global_samples: float, segments: torch.Tensor | None = None) -> torch.Tensor:
     """[B, S] fp32 weights of one micro-batch's token losses so that the sum of ``w_i * l_i`` over
     every micro-batch of every rank is the global-batch loss of ``loss_type``.
 
     micro_batches: micro-batches in the global batch (grad-acc x DP);
-    global_tokens / global_samples: trained tokens / samples with a trained token in the global batch.
+    global_tokens / global_samples: trained tokens / samples with a trained token in the global batch;
+    segments: packed rows' ``segment_ids`` (per_sample_loss then averages inside each packed sample).
     """
     mask = trained_mask(labels).to(torch.float64)
     if loss_type == "default":
         w = mask / (mask.sum().clamp(min=1) * micro_batches)
     elif loss_type == "per_sample_loss":
-        w = mask / (mask.sum(-1, keepdim=True).clamp(min=1) * max(global_samples, 1.0))
+        per_sample, slot = sample_trained_counts(labels, segments)
+        w = mask / (per_sample.to(torch.float64)[slot].clamp(min=1) * max(global_samples, 1.0))
     elif loss_type == "per_token_loss":
         w = mask / max(global_tokens, 1.0)
     else:

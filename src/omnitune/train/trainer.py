@@ -176,6 +176,10 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
     check_template_fits(data_cfg.dataset_param.basic_parameters.template, family.name, args.mm_data, hf_dir)
     check_against_hf_config(model_cfg, family, hf_config, args.mm_model)
     dims.check_model(family.parallel_sizes(hf_config))
+    if data_cfg.dataset_param.basic_parameters.packing and dims.cp > 1:
+        raise ConfigError(f"{args.mm_data}: basic_parameters.packing with --context-parallel-size {dims.cp} is not "
+                          f"implemented (the sequence split would cut packed samples); set packing false or "
+                          f"--context-parallel-size 1")
     if load_kind == "none":
         # Nothing else given: train from the original HF weights (seed: init_from_hf_path).
         load_kind, load_path = "hf", hf_dir
@@ -317,9 +321,14 @@ class Trainer:
             from omnitune.data.streaming import build_streaming_datasets
             self.dataset, self.val_dataset = build_streaming_datasets(
                 plan.data_cfg, processor, a.seq_length, micro_batch_size=a.micro_batch_size, collate_fn=collate,
-                dp_rank=dims.dp_rank, dp_size=dims.dp, num_workers=self.num_workers, seed=a.seed)
+                dp_rank=dims.dp_rank, dp_size=dims.dp, num_workers=self.num_workers, seed=a.seed,
+                pack_capacity=a.seq_length if plan.data_cfg.dataset_param.basic_parameters.packing else None)
         else:
             self.dataset, self.val_dataset = build_datasets(plan.data_cfg, processor, a.seq_length, seed=a.seed)
+            if plan.data_cfg.dataset_param.basic_parameters.packing:   # rows of several samples
+                from omnitune.data.packing import PackedDataset
+                self.dataset = PackedDataset(self.dataset, a.seq_length)
+                self.log(self.dataset.describe())
         self._loader_args = dict(num_workers=self.num_workers,
                                  pin_memory=dl.pin_memory and dist_ctx.device.type != "cpu")
         self._make_loader = lambda sampler, ds=None: DataLoader(ds if ds is not None else self.dataset,
@@ -446,7 +455,8 @@ class Trainer:
 
         a, dev, dims = self.args, self.d.device, self.dims
         model, scale = self.model, dims.dp_cp
-        counts = local_counts([mb["labels"] for mb in micro_batches]).to(dev)
+        counts = local_counts([mb["labels"] for mb in micro_batches],
+                              [mb.get("segment_ids") for mb in micro_batches]).to(dev)
         if self.loss_type != "default" and dims.dp > 1:
             dist.all_reduce(counts, group=dims.group("dp"))
         n_micro = len(micro_batches) * dims.dp
@@ -456,7 +466,8 @@ class Trainer:
         for i, mb in enumerate(micro_batches):
             mb = dict(mb)
             mb["loss_weights"] = token_weights(mb["labels"], self.loss_type, micro_batches=n_micro,
-                                               global_tokens=float(counts[0]), global_samples=float(counts[1]))
+                                               global_tokens=float(counts[0]), global_samples=float(counts[1]),
+                                               segments=mb.get("segment_ids"))
             mb = _to_device(mb, dev)
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):

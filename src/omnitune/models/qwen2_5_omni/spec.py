@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from omnitune.models.base import QWEN_TEXT_LORA, ModelFamily, ModuleGroup, lora_map, text_sizes
+from omnitune.models.base import QWEN_TEXT_LORA, ModelFamily, ModuleGroup, lora_map, omni_rope_index, text_sizes
 from omnitune.models.qwen2_5_vl.spec import mrope_section
 
 # The real Qwen2.5-Omni-7B chat template.
@@ -77,6 +77,9 @@ class Qwen2_5OmniFamily(ModelFamily):
     folder_extra_files = ("spk_dict.pt",)
     # time-aligned rope (TMRoPE): seconds per video grid step; audio interleaved in videos
     forward_batch_keys = ("video_second_per_grid", "use_audio_in_video")
+
+    def rope_index(self, model: nn.Module, sub: dict):
+        return omni_rope_index(model, sub)
 
     # ------------------------------------------------------------------ configs
     def tiny_config(self, size: str = "tiny"):

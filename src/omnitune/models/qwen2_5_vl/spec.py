@@ -49,6 +49,14 @@ class Qwen2_5VLFamily(Qwen2VLFamily):
     # videos' seconds per temporal grid step feed the temporal rope positions
     forward_batch_keys = ("mm_token_type_ids", "second_per_grid_ts")
 
+    def rope_index(self, model: nn.Module, sub: dict):
+        pos, _ = model.model.get_rope_index(sub["input_ids"], sub["mm_token_type_ids"],
+                                            image_grid_thw=sub.get("image_grid_thw"),
+                                            video_grid_thw=sub.get("video_grid_thw"),
+                                            second_per_grid_ts=sub.get("second_per_grid_ts"),
+                                            attention_mask=sub["attention_mask"])
+        return pos
+
     def tiny_config(self, size: str = "tiny"):
         s = SIZES[size]
         return self.config_class()(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from omnitune.models.base import QWEN_TEXT_LORA, ModelFamily, ModuleGroup, lora_map, text_sizes
+from omnitune.models.base import QWEN_TEXT_LORA, ModelFamily, ModuleGroup, lora_map, omni_rope_index, text_sizes
 from omnitune.models.qwen3_vl.spec import CHAT_TEMPLATE as QWEN3_VL_CHAT_TEMPLATE
 from omnitune.models.qwen3_vl.spec import interleaved_mrope_section
 
@@ -74,6 +74,9 @@ class Qwen3OmniMoeFamily(ModelFamily):
     hf_full_class_name = "Qwen3OmniMoeForConditionalGeneration"
     folder_prefix = "thinker."
     forward_batch_keys = ("video_second_per_grid", "use_audio_in_video")
+
+    def rope_index(self, model: nn.Module, sub: dict):
+        return omni_rope_index(model, sub)
     # DeepStack (as Qwen3-VL): one row per True of visual_pos_masks
     cp_masked_rows = {"deepstack_visual_embeds": "visual_pos_masks"}
 

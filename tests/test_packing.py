@@ -1,0 +1,184 @@
+"""Sequence packing (data.json packing: true): a packed row gives each sample the losses and
+gradients it has alone (own mRoPE positions, attention inside the sample only), the loss types keep
+their meaning, rows are a partition of the data, and training with packing (map-style and
+streaming) runs and resumes exactly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from media_util import jpeg, mp4, wav, write_config
+
+from omnitune.config.data import load_data_config
+from omnitune.data.collator import Collator
+from omnitune.data.dataset import SFTDataset
+from omnitune.data.packing import PackedDataset, pack_indices
+from omnitune.models.registry import get_family
+from omnitune.ops.packing import packed_position_ids
+from omnitune.train.loss import IGNORE_INDEX, local_counts, shift_labels, token_weights
+from omnitune.train.model import load_hf_model
+
+OMNI = ("qwen2_5_omni", "qwen3_omni_moe")
+
+
+# ------------------------------------------------------------------------------------- rows
+def test_pack_indices_is_a_partition_within_capacity_and_deterministic():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 300, (500,), generator=g).tolist() + [300, 300, 1]
+    rows = pack_indices(lengths, 512)
+    flat = sorted(i for r in rows for i in r)
+    assert flat == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 512 for r in rows)
+    assert rows == pack_indices(lengths, 512)
+    fill = sum(lengths) / (len(rows) * 512)
+    assert fill > 0.95, fill          # best-fit decreasing on many small items packs tightly
+    with pytest.raises(ValueError, match="sample 3 has 600 tokens, more than the packing capacity 512"):
+        pack_indices([1, 2, 3, 600], 512)
+
+
+def test_collated_row_masks_each_samples_first_label_and_numbers_segments():
+    items = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(lab),
+              "attention_mask": torch.ones(len(ids), dtype=torch.long),
+              "mm_token_type_ids": torch.zeros(len(ids), dtype=torch.int32)}
+             for ids, lab in (([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 5]), ([6, 7, 8, 9], [-100, 7, 8, 9]))]
+    b = Collator(0)([{"packed": items[:2]}, {"packed": items[2:]}])
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert b["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, 7, 8, 9, -100]]
+    assert b["segment_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, -1]]
+    # the last position of sample 0 (token 3) predicts nothing: its target would be sample 1's first
+    assert shift_labels(b["labels"])[0].tolist() == [2, 3, -100, 5, -100]
+
+
+def test_per_sample_loss_weights_average_inside_each_packed_sample():
+    labels = torch.tensor([[-100, 1, 1, -100, 1, 1, 1, 1, -100]])
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, -1]])
+    counts = local_counts([labels], [seg])
+    assert counts.tolist() == [6.0, 2.0]          # 2 trained + 4 trained tokens, 2 samples
+    w = token_weights(labels, "per_sample_loss", micro_batches=1, global_tokens=6, global_samples=2, segments=seg)
+    assert torch.allclose(w[0, :8], torch.tensor([1 / 4, 1 / 4, 0, 1 / 8, 1 / 8, 1 / 8, 1 / 8, 0]))
+    assert local_counts([labels]).tolist() == [6.0, 1.0]   # unpacked view: one row = one sample
+
+
+# ------------------------------------------------------------------------------------- parity
+def _samples(tmp, family):
+    d = tmp / "media"
+    d.mkdir()
+    omni = family in OMNI
+    img_a, img_b = jpeg(d / "a.jpg", (84, 56), seed=1), jpeg(d / "b.jpg", (56, 112), seed=2)
+    vid = mp4(d / "v.mp4", 8, 4, (56, 56), seed=3, audio_rate=16000 if omni else None)
+    out = [
+        {"messages": [{"role": "user", "content": "<image>What is drawn here?"},
+                      {"role": "assistant", "content": "Noise in many colours, a wide picture."}], "images": [img_a]},
+        {"messages": [{"role": "user", "content": "Say three words."},
+                      {"role": "assistant", "content": "One two three."},
+                      {"role": "user", "content": "And two more?"},
+                      {"role": "assistant", "content": "Four five."}]},
+        {"messages": [{"role": "user", "content": "<video>What moves in the clip?"},
+                      {"role": "assistant", "content": "Bars sweep to the right."}], "videos": [vid]},
+        {"messages": [{"role": "user", "content": "<image>And this one?"},
+                      {"role": "assistant", "content": "A tall picture."}], "images": [img_b]},
+    ]
+    if omni:
+        out.append({"messages": [{"role": "user", "content": "<audio>What do you hear?"},
+                                 {"role": "assistant", "content": "A tone at 440 hertz."}],
+                    "audios": [wav(d / "s.wav", 1.0, seed=4)]})
+    return d, out
+
+
+def _dataset(tmp, family, hf_dir):
+    from transformers import AutoProcessor
+
+    d, samples = _samples(tmp, family)
+    pre = dict(video_min_pixels=28 * 28, video_max_pixels=56 * 56, video_fps=2.0, image_max_pixels=112 * 112,
+               use_audio_in_video=family in OMNI)
+    cfg = load_data_config(write_config(d, samples, template=get_family(family).template, pre=pre))
+    ds = SFTDataset(cfg, AutoProcessor.from_pretrained(hf_dir), 1024)
+    assert len(ds) == len(samples)
+    return ds, Collator(151643, use_audio_in_video=family in OMNI)
+
+
+def _token_losses(fam, model, batch):
+    """Per-position cross-entropy (0 where untrained), from the family forward + lm_head."""
+    hidden, _ = fam.forward_hidden(model, batch)
+    t = shift_labels(batch["labels"])
+    logits = fam.lm_head(model)(hidden).float()
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t.flatten().clamp(min=0), reduction="none")
+    return ce.view(t.shape) * (t != IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni", "qwen3_omni_moe"])
+def test_packed_row_equals_samples_alone(family, tiny_model_dir, tmp_path):
+    """One row with image, text-only multi-turn, video (Omni: with its sound track interleaved) and
+    audio samples: each sample's loss, and the gradient of their sum, equal the samples run one at a
+    time (fp32, 1e-5); the packed positions are each sample's own; attention does not cross: changing
+    sample 0 leaves the other samples' losses unchanged, and with plain causal attention over the row
+    (the mask a non-packing trainer would use) they change."""
+    hf_dir = tiny_model_dir(family)
+    fam = get_family(family)
+    ds, collate = _dataset(tmp_path, family, hf_dir)
+    model = load_hf_model(fam, str(hf_dir))
+    n = len(ds)
+    items = [ds[i] for i in range(n)]
+    packed = collate([{"packed": items}])
+    seg = packed["segment_ids"][0]
+    assert packed["input_ids"].shape[0] == 1 and int(seg.max()) == n - 1
+
+    # alone: loss sums and summed gradients
+    solo_loss, grads = [], None
+    for it in items:
+        model.zero_grad()
+        ce = _token_losses(fam, model, collate([it]))
+        ce.sum().backward()
+        solo_loss.append(ce.sum().item())
+        g = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+        grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+    model.zero_grad()
+    ce = _token_losses(fam, model, packed)
+    ce.sum().backward()
+    packed_loss = [ce[0][seg == k].sum().item() for k in range(n)]
+    for k in range(n):
+        assert abs(packed_loss[k] - solo_loss[k]) <= 1e-5 * abs(solo_loss[k]), (k, packed_loss, solo_loss)
+    # per parameter, relative to its own largest gradient entry (with a floor far below any real
+    # gradient: e.g. attention k-biases have a gradient of exactly 0 up to rounding)
+    floor = 1e-6 * max(g.abs().max().item() for g in grads)
+    worst = 0.0
+    for p, g in zip(model.parameters(), grads):
+        pg = p.grad if p.grad is not None else torch.zeros_like(p)
+        worst = max(worst, (pg - g).abs().max().item() / (g.abs().max().item() + floor))
+    assert worst <= 1e-5, worst
+
+    # positions: sample k of the row has exactly its own (alone) position ids
+    pos = packed_position_ids(fam, model, packed)
+    for k, it in enumerate(items):
+        alone = collate([it])
+        sub = {key: alone[key] for key in alone if key != "labels"}
+        own = fam.rope_index(model, sub)[:, 0]
+        assert torch.equal(pos[1:, 0, seg == k], own), k
+        assert torch.equal(pos[0, 0, seg == k], torch.arange(int((seg == k).sum())))
+
+    with torch.no_grad():
+        base = _token_losses(fam, model, packed)[0]
+        changed = dict(packed, input_ids=packed["input_ids"].clone())
+        text0 = (seg == 0) & (packed["mm_token_type_ids"][0] == 0) & (packed["labels"][0] != IGNORE_INDEX)
+        changed["input_ids"][0, text0] = 1000   # other answer tokens in sample 0
+        after = _token_losses(fam, model, changed)[0]
+        assert (after[seg == 0] - base[seg == 0]).abs().max() > 1e-3
+        assert torch.equal(after[seg > 0], base[seg > 0])
+        crossing = {k: v for k, v in packed.items() if k != "segment_ids"}   # one causal sequence
+        crossing["attention_mask"] = torch.ones_like(packed["attention_mask"])
+        ce_cross = _token_losses(fam, model, crossing)[0]
+        assert (ce_cross[seg > 0] - base[seg > 0]).abs().max() > 1e-3   # the test sees crossing attention
+
+
+def test_packed_dataset_rows_hold_every_sample_once(tiny_model_dir, tmp_path):
+    ds, collate = _dataset(tmp_path, "qwen2_vl", tiny_model_dir("qwen2_vl"))
+    lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]
+    cap = max(lengths) + min(lengths)
+    packed = PackedDataset(ds, cap)
+    assert sorted(i for r in packed.rows for i in r) == list(range(len(ds)))
+    assert len(packed) < len(ds)
+    b = collate([packed[k] for k in range(len(packed))])
+    assert int(b["attention_mask"].sum()) == sum(lengths)
+    assert b["input_ids"].shape[1] <= cap
+    assert "rows of <= %d tokens" % cap in packed.describe()
