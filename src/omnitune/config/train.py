@@ -42,7 +42,12 @@ class TrainArgs(BaseModel):
     micro_batch_size: int = _f(1, "batch", "samples per forward/backward on each data-parallel rank", ge=1)
     global_batch_size: int | None = _f(None, "batch", "samples per optimizer step = micro x grad-acc x DP "
                                                       "(default: micro x DP, no accumulation)", ge=1)
-    seq_length: int = _f(1024, "batch", "max tokens per sample (the limit is min(this, data.json cutoff_len))", ge=1)
+    seq_length: int = _f(1024, "batch", "max tokens per sample (the limit is min(this, data.json cutoff_len)); "
+                                        "with data.json packing: tokens per packed row", ge=1)
+    token_budget: int | None = _f(None, "batch", "dynamic micro-batches: at most N padded tokens each (samples x "
+                                                 "longest), grouped by length; a step is still grad-acc x DP "
+                                                 "micro-batches (from the flags above), its sample count varies "
+                                                 "(map-style data, not with packing)", ge=1)
     # optimizer and schedule
     train_iters: int = _f(..., "schedule/optimizer", "optimizer steps to train (required)", ge=1)
     lr: float = _f(1e-5, "schedule/optimizer", "peak learning rate (AdamW)", ge=0)
@@ -131,6 +136,9 @@ class TrainArgs(BaseModel):
         if self.global_batch_size is not None and self.global_batch_size < self.micro_batch_size:
             raise ValueError(f"--global-batch-size {self.global_batch_size}: must be >= --micro-batch-size "
                              f"{self.micro_batch_size}")
+        if self.token_budget is not None and self.token_budget < self.seq_length:
+            raise ValueError(f"--token-budget {self.token_budget}: must be >= --seq-length {self.seq_length} (a "
+                             f"sample can be that long); raise --token-budget or lower --seq-length")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr}: must be <= --lr {self.lr}; lower --min-lr")
         if self.calculate_per_sample_loss and self.calculate_per_token_loss:

@@ -176,7 +176,14 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
     check_template_fits(data_cfg.dataset_param.basic_parameters.template, family.name, args.mm_data, hf_dir)
     check_against_hf_config(model_cfg, family, hf_config, args.mm_model)
     dims.check_model(family.parallel_sizes(hf_config))
-    if data_cfg.dataset_param.basic_parameters.packing and dims.cp > 1:
+    bp = data_cfg.dataset_param.basic_parameters
+    if args.token_budget is not None:
+        clash = ("basic_parameters.packing" if bp.packing else "basic_parameters.streaming" if bp.streaming
+                 else "attr.ranking (DPO pairs)" if data_cfg.dataset_param.attr.ranking else None)
+        if clash:
+            raise ConfigError(f"--token-budget: not with {args.mm_data} {clash} (the budget groups map-style SFT "
+                              f"samples by length); remove --token-budget or that setting")
+    if bp.packing and dims.cp > 1:
         raise ConfigError(f"{args.mm_data}: basic_parameters.packing with --context-parallel-size {dims.cp} is not "
                           f"implemented (the sequence split would cut packed samples); set packing false or "
                           f"--context-parallel-size 1")
@@ -383,6 +390,7 @@ class Trainer:
             meta = ckpt_io.load_checkpoint(ckpt, self.model.hf, self.optimizer,
                                            load_optim=not a.no_load_optim, load_rng=not a.no_load_rng,
                                            layout=self._layout(), key_filter=self._ckpt_keys())
+            self._resume_state = meta
             self.iteration = int(meta.get("iteration", 0))
             self.consumed = int(meta.get("consumed_samples", 0))
             if self.streaming:
@@ -399,10 +407,32 @@ class Trainer:
                      + ("" if saved is None or saved == self._layout() else
                         f"; saved at layout {_fmt_layout(saved)}, resharded to {_fmt_layout(self._layout())}"
                         + ("" if a.no_load_rng else " (RNG not restored: it is per rank of a layout)")))
-        self.sampler = None if self.streaming else MicroBatchSampler(
-            len(self.dataset), a.micro_batch_size, self.gbs, dims.dp_rank, dims.dp,
-            shuffle=dl.shuffle, seed=a.seed, drop_last=dl.drop_last,
-            consumed_samples=self.consumed)
+        if self.streaming:
+            self.sampler = None
+        elif a.token_budget is not None:   # dynamic micro-batches; the position is the step count
+            from omnitune.data.budget import TokenBudgetSampler
+            from omnitune.data.packing import sample_lengths
+            self.sampler = TokenBudgetSampler(sample_lengths(self.dataset), a.token_budget, self.grad_acc,
+                                              dims.dp_rank, dims.dp, shuffle=dl.shuffle, seed=a.seed,
+                                              consumed_steps=self.iteration)
+            if plan.load_kind == "resume":
+                saved = self._resume_state.get("sampler")
+                if saved is None:
+                    raise ConfigError(f"--load {plan.load_path}: saved without --token-budget; resume without it")
+                try:
+                    self.sampler.load_state_dict(dict(saved, consumed_steps=self.iteration))
+                except ValueError as e:
+                    raise ConfigError(f"--load {plan.load_path}: {e}") from None
+        else:
+            try:
+                self.sampler = MicroBatchSampler(
+                    len(self.dataset), a.micro_batch_size, self.gbs, dims.dp_rank, dims.dp,
+                    shuffle=dl.shuffle, seed=a.seed, drop_last=dl.drop_last,
+                    consumed_samples=self.consumed)
+            except ValueError as e:
+                what = (f"{a.mm_data}: packed into {len(self.dataset)} rows of <= {a.seq_length} tokens, which "
+                        f"count as the samples of a batch; " if hasattr(self.dataset, "rows") else f"{a.mm_data}: ")
+                raise DataError(what + str(e)) from None
         self.logger = self._make_logger()
 
     def _make_logger(self) -> Logger:
@@ -569,12 +599,13 @@ class Trainer:
             if self.d.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
+            step_samples = self._step_samples()
             self.iteration += 1
-            self.consumed += self.gbs
+            self.consumed += step_samples
             losses.append(stats["loss"])
             if not math.isfinite(stats["loss"]):
                 raise FloatingPointError(f"loss is {stats['loss']} at iteration {self.iteration}")
-            self.logger.step(self.iteration, self.consumed, dt, lr, self.gbs, stats,
+            self.logger.step(self.iteration, self.consumed, dt, lr, step_samples, stats,
                              show=self.iteration % a.log_interval == 0)
             if a.eval_interval and self.iteration % a.eval_interval == 0:
                 self.evaluate()
@@ -584,6 +615,12 @@ class Trainer:
             self.save()
         self.logger.finish(self.iteration, peak_memory_per_rank(self.d.device))
         return losses
+
+    def _step_samples(self) -> int:
+        """Samples of the step being taken (--token-budget: it varies; else the global batch)."""
+        if getattr(self.args, "token_budget", None) is not None:
+            return self.sampler.samples_in_step(self.iteration)
+        return self.gbs
 
     def _train_loader(self):
         from torch.utils.data import DataLoader
@@ -651,6 +688,8 @@ class Trainer:
                                "decay_style": a.lr_decay_style, "num_steps": self.iteration}}
         if self.plan.dpo is not None:
             state["dpo"] = self.plan.dpo.to_json()
+        if self.args.token_budget is not None:
+            state["sampler"] = self.sampler.state_dict()
         if self.plan.lora is not None:
             kind, base = self.plan.lora_base
             state["lora"] = dict(self.plan.lora.to_json(), base=str(Path(base).resolve()), base_kind=kind,
