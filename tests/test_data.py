@@ -348,9 +348,12 @@ def test_data_json_validation_and_unsupported_features(tmp_path):
         "streaming": True, "packing": True, "val_rate": 0.1, "val_dataset": "v.json",
         "mask_history": True, "train_on_prompt": True}, attr={**MLLM_ATTR, "videos": "videos", "audios": "audios"}))
     problems = unsupported_features(cfg)
-    for key in ("streaming", "packing", "val_rate", "val_dataset"):
+    for key in ("streaming", "val_rate", "val_dataset"):
         assert any(key in p for p in problems), key
-    assert not any(k in p for p in problems for k in ("mask_history", "train_on_prompt", "videos", "audios"))
+    assert not any(k in p for p in problems for k in ("packing", "mask_history", "train_on_prompt", "videos",
+                                                        "audios"))
+    cfg.dataset_param.attr.ranking = True   # preference pairs cannot be packed
+    assert any("packing: true does not apply to preference pairs" in p for p in unsupported_features(cfg))
 
 
 def test_bundled_demo_data(tmp_path, processor):
