@@ -77,6 +77,11 @@ class TrainModel(nn.Module):
         return loss_sum, n, aux
 
 
+    def set_requires_gradient_sync(self, requires_gradient_sync: bool, *, recurse: bool = True) -> None:
+        """No-op when the model is not FSDP2-wrapped (one process, parallel/parallelize.py): there is
+        no gradient reduction to defer. FSDP2's own method takes precedence once wrapped."""
+
+
 def apply_module_settings(hf_model: nn.Module, family: ModelFamily, model_cfg, offload_stats=None) -> dict:
     """Apply model.json per-module settings to the HF model (before FSDP2). Returns what was done
     per module, e.g. {"text_decoder": {"recompute": 2, "offload": 0, "experts": 2}}."""

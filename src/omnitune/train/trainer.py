@@ -61,8 +61,7 @@ class Plan:
             *self._describe_memory(),
             f"init       : " + ("meta device; each rank reads only its shards" if a.init_model_with_meta_device
                                 else "full model on every rank, then sharded"),
-            f"batch      : micro {a.micro_batch_size} x grad-acc {self.grad_acc} "
-            f"x DP {dims.dp} = global {gbs}; seq-length {a.seq_length}",
+            self._describe_batch(gbs),
             f"schedule   : {a.train_iters} iters, lr {a.lr} -> {a.min_lr} {a.lr_decay_style}, warmup {a.warmup_iters}",
             f"precision  : {'bf16 compute, fp32 master weights' if a.bf16 else 'fp32'}",
             f"frozen     : {', '.join(frozen) or 'none'}",
@@ -76,6 +75,15 @@ class Plan:
             lines.append("ignored    : " + " ".join("--" + f for f in self.ignored_flags) +
                          " (Megatron kernel/structure flags; structure comes from model.json + config.json)")
         return "\n".join(lines)
+
+    def _describe_batch(self, gbs: int) -> str:
+        a, dims = self.args, self.dims
+        if a.token_budget is not None:
+            return (f"batch      : micro <= {a.token_budget} padded tokens (token budget, grouped by length) x "
+                    f"grad-acc {self.grad_acc} x DP {dims.dp} micro-batches per step; seq-length {a.seq_length}")
+        unit = " packed rows" if self.data_cfg.dataset_param.basic_parameters.packing else ""
+        return (f"batch      : micro {a.micro_batch_size} x grad-acc {self.grad_acc} x DP {dims.dp} = global {gbs}"
+                f"{unit}; seq-length {a.seq_length}" + (" tokens per row (packing)" if unit else ""))
 
     def _describe_memory(self) -> list[str]:
         from omnitune.parallel.estimate import estimate_rank_bytes, format_estimate
