@@ -26,7 +26,8 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 bench: $(STAMP)
-	$(PY) bench/train_throughput.py
+	$(PY) bench/packing.py
+	$(PY) bench/gpu_plan.py
 	$(PY) bench/data_prep.py
 	$(PY) bench/convert.py
 

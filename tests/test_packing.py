@@ -107,17 +107,29 @@ def _token_losses(fam, model, batch):
     return ce.view(t.shape) * (t != IGNORE_INDEX)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni", "qwen3_omni_moe"])
-def test_packed_row_equals_samples_alone(family, tiny_model_dir, tmp_path):
+CASES = [(f, "sdpa_packed") for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni",
+                                      "qwen3_omni_moe")] + [("qwen2_vl", "sdpa"), ("qwen2_vl", "eager")]
+
+
+@pytest.mark.parametrize("family,attn", CASES, ids=[f"{f}-{a}" for f, a in CASES])
+def test_packed_row_equals_samples_alone(family, attn, tiny_model_dir, tmp_path):
     """One row with image, text-only multi-turn, video (Omni: with its sound track interleaved) and
     audio samples: each sample's loss, and the gradient of their sum, equal the samples run one at a
     time (fp32, 1e-5); the packed positions are each sample's own; attention does not cross: changing
     sample 0 leaves the other samples' losses unchanged, and with plain causal attention over the row
-    (the mask a non-packing trainer would use) they change."""
+    (the mask a non-packing trainer would use) they change. ``attn``: the text decoder's attention
+    on packed rows: sdpa_packed (what packed training uses for sdpa: SDPA per sample), or transformers'
+    block-diagonal mask with sdpa / eager."""
+    from omnitune.ops.packing import use_packed_attention
+
     hf_dir = tiny_model_dir(family)
     fam = get_family(family)
     ds, collate = _dataset(tmp_path, family, hf_dir)
     model = load_hf_model(fam, str(hf_dir))
+    if attn == "sdpa_packed":
+        assert use_packed_attention(model, fam) == "sdpa_packed"
+    else:
+        fam.language_model(model).set_attn_implementation(attn)
     n = len(ds)
     items = [ds[i] for i in range(n)]
     packed = collate([{"packed": items}])
@@ -256,3 +268,32 @@ def test_packing_and_token_budget_refusals(tmp_path):
     r = omnitune(["train", *train_flags(plain, model_json, iters=2, save=tmp_path / "s", load=hf_dir),
                   "--token-budget", "100", "--dry-run"], check=False)
     assert r.returncode == 2 and "--token-budget 100: must be >= --seq-length 512" in r.stderr, r.stderr
+
+
+def test_sdpa_packed_equals_block_diagonal_sdpa_and_skips_cross_blocks():
+    """The per-sample SDPA of packed rows equals SDPA with the block-diagonal causal mask (GQA:
+    8 query heads on 2 key/value heads), and samples are computed apart (an update in sample 0's
+    keys changes nothing in sample 1)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from omnitune.ops.packing import _segments, packed_sdpa_forward
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal = 4, True
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 11, 16, generator=g) for h in (8, 2, 2))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 1]])
+    assert _segments(pos[0]) == [(0, 4), (4, 7), (7, 11)]
+    seg = torch.stack([torch.tensor([0] * 4 + [1] * 3 + [2] * 4), torch.tensor([0] * 6 + [1] * 3 + [2] * 2)])
+    causal = torch.ones(11, 11, dtype=torch.bool).tril()
+    mask = (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]
+    ref, _ = sdpa_attention_forward(Attn(), q, k, v, mask, scaling=0.25)
+    got, _ = packed_sdpa_forward(Attn(), q, k, v, mask, position_ids=pos, scaling=0.25)
+    assert torch.allclose(got, ref, atol=1e-6), (got - ref).abs().max()
+    k2 = k.clone()
+    k2[0, :, :4] += 1.0
+    again, _ = packed_sdpa_forward(Attn(), q, k2, v, mask, position_ids=pos, scaling=0.25)
+    assert torch.equal(again[0, 4:], got[0, 4:]) and not torch.equal(again[0, :4], got[0, :4])
+    plain, _ = packed_sdpa_forward(Attn(), q, k, v, None)   # no positions: plain causal sdpa over the row
+    assert not torch.allclose(plain, ref, atol=1e-3)

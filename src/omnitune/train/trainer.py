@@ -371,6 +371,11 @@ class Trainer:
         if not meta:
             hf.to(dist_ctx.device)
         self.model = TrainModel(hf, plan.family, plan.model_cfg)
+        if plan.data_cfg.dataset_param.basic_parameters.packing:   # per-sample attention (ops/packing.py)
+            from omnitune.ops.packing import use_packed_attention
+            impl = use_packed_attention(hf, plan.family)
+            self.log(f"module     : text_decoder: attn {impl or plan.family.language_model(hf).config._attn_implementation}"
+                     f" on packed rows")
         self.loss_type = resolve_loss_type(a, plan.model_cfg, a.mm_model)
         lc = plan.model_cfg.loss_cfg
         self.log(f"loss       : {self.loss_type}, logits {lc.compute_mode}"
