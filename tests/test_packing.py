@@ -227,10 +227,10 @@ def test_packed_training_learns_and_resumes_exactly(streaming, tmp_path):
     hf_dir = build_tiny_model("qwen2_vl", tmp_path / "tiny")
     data_json, model_json = _configs(tmp_path, hf_dir, packing=True, streaming=streaming)
     extra = ["--seq-length", "128", "--lr", "3e-3"]
-    ref, got, out = _train_and_resume(tmp_path, hf_dir, data_json, model_json, extra)
-    assert sorted(ref) == list(range(1, 11))
-    assert [got[i] for i in range(1, 11)] == [ref[i] for i in range(1, 11)]
-    assert sum(ref[i] for i in (9, 10)) < 0.9 * sum(ref[i] for i in (1, 2)), ref
+    ref, got, out = _train_and_resume(tmp_path, hf_dir, data_json, model_json, extra, iters=6)
+    assert sorted(ref) == list(range(1, 7))
+    assert [got[i] for i in range(1, 7)] == [ref[i] for i in range(1, 7)]
+    assert sum(ref[i] for i in (5, 6)) < 0.95 * sum(ref[i] for i in (1, 2)), ref
     if not streaming:
         assert "packing    : 48 samples in 17 rows of <= 128 tokens" in out, out[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
