@@ -172,6 +172,8 @@ def test_images_and_videos(tmp_path, processors, media, template):
         text = processors(template).tokenizer.decode(item["input_ids"])
         # frames 0,5,11,17,23,29 of 10 fps videos; a step's time is the mean of its two frames'
         assert re.findall(r"<(\d+\.\d) seconds><\|vision_start\|>", text) == ["0.2", "1.4", "2.6"] * 2
+        # no start/end pair around a whole video (Qwen's processor, LLaMA-Factory's Qwen3VLPlugin)
+        assert "with <0.2 seconds>" in text and "<|vision_start|><0." not in text and "<|vision_end|>" * 2 not in text
 
 
 @pytest.mark.parametrize("template", ALL)

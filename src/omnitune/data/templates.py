@@ -43,8 +43,10 @@ class Template:
     image: MediaTokens
     video: MediaTokens
     audio: MediaTokens | None = None
-    # "flat": start + pad x t*h*w/merge^2 + end. "frames" (Qwen3-VL): start + per temporal step
-    # "<{sec:.1f} seconds>" + start + pad x h*w/merge^2 + end + end.
+    # "flat": start + pad x t*h*w/merge^2 + end. "frames" (Qwen3-VL): per temporal step
+    # "<{sec:.1f} seconds>" + start + pad x h*w/merge^2 + end, with no start/end around the whole
+    # video (as Qwen's own processor, LLaMA-Factory / MindSpeed-MM's Qwen3VLPlugin and transformers
+    # >= 5.25, which collapses the chat template's wrapper; 5.0-5.24 nested the frames in it).
     video_layout: str = "flat"
     # How the family's video processor reads its pixel bounds: per "frame" or per "clip" (Qwen3-VL).
     video_pixels_per: str = "frame"
@@ -207,8 +209,7 @@ def expand_video(t: Template, grid: tuple[int, int, int], merge: int, *, indices
         return v.start + body + a.end + v.end
     if t.video_layout == "frames":
         stamps = frame_timestamps(indices, fps, temporal_patch_size)
-        return v.start + "".join(f"<{s:.1f} seconds>" + v.start + v.pad * per_step + v.end
-                                 for s in stamps[:tt]) + v.end
+        return "".join(f"<{s:.1f} seconds>" + v.start + v.pad * per_step + v.end for s in stamps[:tt])
     return v.start + v.pad * (tt * per_step) + v.end
 
 
