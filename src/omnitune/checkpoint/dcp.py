@@ -118,13 +118,21 @@ def _full_strided(v) -> torch.Tensor:
     from omnitune.checkpoint.sharded_load import local_index_from
 
     mesh = v.device_mesh
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, v._local_tensor.detach().contiguous().cpu())
+    # gathered over the tensor's own mesh, one dimension at a time (the last first), so ranks of
+    # other meshes (other pipeline stages) take no part: gathered[c0][c1]... is coordinate c's block
+    gathered = v._local_tensor.detach().contiguous().cpu()
+    for d in reversed(range(mesh.ndim)):
+        out = [None] * mesh.shape[d]
+        dist.all_gather_object(out, gathered, group=mesh.get_group(d))
+        gathered = out
     full = torch.empty(tuple(v.shape), dtype=v.dtype)
     for coord in itertools.product(*(range(n) for n in mesh.shape)):
         idx = local_index_from(tuple(v.shape), tuple(mesh.shape), coord, v.placements)
         idx = [torch.arange(n) if ix is None else ix for ix, n in zip(idx, v.shape)]
-        full[torch.meshgrid(*idx, indexing="ij")] = gathered[int(mesh.mesh[coord])]
+        block = gathered
+        for c in coord:
+            block = block[c]
+        full[torch.meshgrid(*idx, indexing="ij")] = block
     return full.to(v._local_tensor.device)
 
 
@@ -175,7 +183,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trai
     fail.agree(_attempt(prepare) if _rank() == 0 else None)
     state = {"model": model_state(model, key_filter)}
     if save_optim and optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+        state["optim"] = optim_state(model, optimizer)
     from torch.distributed.checkpoint.api import CheckpointException
     try:
         dcp.save(strided_to_full(state), checkpoint_id=str(partial))
@@ -197,6 +205,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, trai
 
     def publish():
         meta = dict(trainer_state, iteration=iteration, has_optim=bool(save_optim and optimizer is not None),
+                    optim_format="flat",
                     has_rng=save_rng, has_data_state=(partial / "data").is_dir(),
                     world_size=dist.get_world_size() if dist.is_initialized() else 1)
         if layout is not None:
@@ -303,24 +312,106 @@ def tied_aliases(model) -> dict[str, str]:
     return out
 
 
+def _parts(model) -> list:
+    """A model, or the list of a pipeline rank's stage models (parallel/pp.py)."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def stage_tie_renames(model) -> dict[str, str]:
+    """{name here: name in checkpoints} for a tied weight whose source module another pipeline stage
+    holds (the last stage's lm_head.weight is saved as the embedding it is tied to)."""
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    out = {}
+    for tgt, src in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if tgt in names and src not in names:
+            out[tgt] = src
+    return out
+
+
 def model_state(model, key_filter=None, options=None) -> dict:
     """The model part of a checkpoint: every weight once. A tied weight is saved under its source
     name only (checkpoints written before held it twice; loading them reads the source name and
-    ignores the copy); :func:`with_aliases` puts the alias back before ``set_model_state_dict``."""
+    ignores the copy); :func:`with_aliases` puts the alias back before ``set_model_state_dict``.
+    ``model`` may be a list of pipeline stage models: their (disjoint) tensors, merged."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    sd = get_model_state_dict(model, options=options)
-    for alias in tied_aliases(model):
-        sd.pop(alias, None)
-    return sd if key_filter is None else {k: v for k, v in sd.items() if key_filter(k)}
+    out = {}
+    for part in _parts(model):
+        sd = get_model_state_dict(part, options=options)
+        for alias in tied_aliases(part):
+            sd.pop(alias, None)
+        for here, there in stage_tie_renames(part).items():
+            if here in sd:
+                sd[there] = sd.pop(here)
+        out.update(sd)
+    return out if key_filter is None else {k: v for k, v in out.items() if key_filter(k)}
 
 
 def with_aliases(model, sd: dict) -> dict:
     """``sd`` with every tied alias mapped to its source's tensor (for ``set_model_state_dict``)."""
+    for here, there in stage_tie_renames(model).items():
+        if there in sd:
+            sd[here] = sd.pop(there)
     for alias, src in tied_aliases(model).items():
         if src in sd:
             sd[alias] = sd[src]
     return sd
+
+
+def _part_sd(part, sd: dict) -> dict:
+    """The entries of a merged state dict that belong to ``part`` (a pipeline stage model)."""
+    names = set(part.state_dict().keys()) | set(stage_tie_renames(part).values())
+    return {k: v for k, v in sd.items() if k in names}
+
+
+def _optim_key_rename(key: str, renames: dict[str, str]) -> str:
+    """A flat optimizer key ``state.<fqn>.<field>`` / ``param_groups.<fqn>.<field>`` with ``fqn`` renamed."""
+    for here, there in renames.items():
+        for head in ("state.", "param_groups."):
+            if key.startswith(head + here + "."):
+                return head + there + key[len(head + here):]
+    return key
+
+
+def optim_state(model, optimizer, flat: bool = True) -> dict:
+    """Optimizer part of a checkpoint. ``flat`` (what saves write): one key per parameter and field
+    (``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``), so the pipeline stages' optimizers merge
+    and any layout reads them; ``flat=False``: the nested form of earlier checkpoints."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    parts, opts = _parts(model), _parts_opt(optimizer)
+    if not flat:
+        return get_optimizer_state_dict(parts[0], opts[0])
+    out = {}
+    for part, opt in zip(parts, opts):
+        if opt is None:
+            continue
+        osd = get_optimizer_state_dict(part, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+        renames = stage_tie_renames(part)
+        out.update({_optim_key_rename(k, renames): v for k, v in osd.items()})
+    return out
+
+
+def set_optim_state(model, optimizer, osd: dict, flat: bool = True) -> None:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    parts, opts = _parts(model), _parts_opt(optimizer)
+    if not flat:
+        set_optimizer_state_dict(parts[0], opts[0], osd)
+        return
+    for part, opt in zip(parts, opts):
+        if opt is None:
+            continue
+        back = {v: k for k, v in stage_tie_renames(part).items()}
+        mine = get_optimizer_state_dict(part, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+        wanted = {_optim_key_rename(k, stage_tie_renames(part)) for k in mine}
+        sub = {_optim_key_rename(k, back): v for k, v in osd.items() if k in wanted}
+        set_optimizer_state_dict(part, opt, sub, options=StateDictOptions(flatten_optimizer_state_dict=True))
+
+
+def _parts_opt(optimizer) -> list:
+    return list(getattr(optimizer, "optimizers", [optimizer]))
 
 
 def is_training_checkpoint_root(path: str | Path) -> bool:
@@ -406,14 +497,21 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
     if want_optim and not meta.get("has_optim", False):
         raise ValueError(f"{ckpt} holds no optimizer state (saved with --no-save-optim); "
                          f"resume with --no-load-optim")
+    flat = meta.get("optim_format") == "flat"   # earlier checkpoints: nested
     if want_optim:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+        if not flat and len(_parts(model)) > 1:
+            raise ValueError(f"{ckpt} holds its optimizer state in the nested form of earlier versions, which "
+                             f"pipeline stages cannot split; resume it once without pipeline parallelism and "
+                             f"save, or resume with --no-load-optim")
+        state["optim"] = optim_state(model, optimizer, flat=flat)
     todo = strided_placeholders(state)
     safe_dcp.load(state, ckpt)
     fill_strided(todo)
-    set_model_state_dict(model, with_aliases(model, state["model"]), options=StateDictOptions(strict=key_filter is None))
+    for part in _parts(model):
+        set_model_state_dict(part, with_aliases(part, _part_sd(part, state["model"])),
+                             options=StateDictOptions(strict=key_filter is None))
     if want_optim:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        set_optim_state(model, optimizer, state["optim"], flat=flat)
     meta["rng_restored"] = False
     saved_layout = meta.get("layout") or {"world": meta.get("world_size", 1), "tp": 1, "cp": 1, "ep": 1, "pp": 1}
     same = layout is None or saved_layout == layout

@@ -39,8 +39,8 @@ class ModuleConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     freeze: bool = Field(False, description="no gradient and no optimizer state for the module")
-    pipeline_num_layers: list[int] | None = Field(None,
-        description="layers per pipeline stage; must sum to the module's layers")
+    pipeline_num_layers: list[int] | list[list[int]] | None = Field(None,
+        description="layers per pipeline stage (with VPP: one list per chunk); must sum to the module's layers")
     recompute_granularity: Literal["full", "selective"] | None = Field(None,
         description="full: activation checkpointing of the module's layers; selective is refused")
     recompute_method: Literal["uniform", "block"] | None = Field(None,
@@ -154,7 +154,7 @@ def check_against_hf_config(cfg: ModelJson, family, hf_config, source: str) -> N
                 f"config.json; fix or remove the key in model.json.")
     for name, mod in modules.items():
         if mod.pipeline_num_layers is not None:
-            total = sum(mod.pipeline_num_layers)
+            total = sum(x for v in mod.pipeline_num_layers for x in (v if isinstance(v, list) else [v]))
             n = sizes.get(f"{name}.num_layers")
             if n is not None and total != n:
                 raise ConfigError(f"{source}: {name}.pipeline_num_layers sums to {total} but the model has "

@@ -72,11 +72,13 @@ class TrainArgs(BaseModel):
                                                                       "the global batch (= loss_type per_sample_loss)")
     calculate_per_token_loss: bool = _f(False, "schedule/optimizer", "loss: sum over the global batch / its trained "
                                                                      "tokens (= loss_type per_token_loss)")
-    # parallel sizes (parallel/dims.py resolves and checks them; pipeline parallel not implemented yet)
+    # parallel sizes (parallel/dims.py resolves and checks them; stages: parallel/pp.py)
     tensor_model_parallel_size: int = _f(1, "parallel", "TP size: attention/MLP/vocab split over TP ranks", ge=1)
-    pipeline_model_parallel_size: int = _f(1, "parallel", "PP size; only 1 (pipeline parallel is not implemented)",
+    pipeline_model_parallel_size: int = _f(1, "parallel", "PP size: text layers split into stages by model.json "
+                                           "pipeline_num_layers (1F1B schedule)",
                                            ge=1)
-    virtual_pipeline_model_parallel_size: int | None = _f(None, "parallel", "VPP size; refused (not implemented)",
+    virtual_pipeline_model_parallel_size: int | None = _f(None, "parallel", "VPP size: model chunks per PP rank (interleaved 1F1B; "
+                                                          "pipeline_num_layers as a list of lists)",
                                                           ge=1)
     context_parallel_size: int = _f(1, "parallel", "CP size: the sequence split over CP ranks (Ulysses)", ge=1)
     #: any string parses; parallel/dims.py refuses what is not implemented, naming the flag
@@ -322,8 +324,11 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArgs, list[str], bool]:
         args = TrainArgs.model_validate(values)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, "flags") + f"; {HELP_HINT}") from None
-    if args.virtual_pipeline_model_parallel_size is not None:
-        raise ConfigError("--virtual-pipeline-model-parallel-size: not implemented in this version; remove it")
+    vpp = args.virtual_pipeline_model_parallel_size
+    if vpp is not None and vpp < 1:
+        raise ConfigError(f"--virtual-pipeline-model-parallel-size {vpp}: must be >= 1")
+    if vpp is not None and vpp > 1 and args.pipeline_model_parallel_size < 2:
+        raise ConfigError(f"--virtual-pipeline-model-parallel-size {vpp} needs --pipeline-model-parallel-size >= 2")
     return args, ignored, dry_run
 
 

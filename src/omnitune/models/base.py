@@ -372,9 +372,19 @@ def text_sizes(t, prefix: str = "text_decoder") -> dict[str, int]:
 # Defaults derived from module_groups(), so a family gets them without code; override when a
 # family's layers are not transformers GradientCheckpointingLayer modules.
 
+def _held(model: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at ``path``, or None where a pipeline stage does not hold it (parallel/pp.py)."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _module_roots(self, model: nn.Module) -> dict[str, list[nn.Module]]:
-    """model.json module path -> the top modules of its group (the group's paths)."""
-    return {g.name: [model.get_submodule(p) for p in g.paths] for g in self.module_groups()}
+    """model.json module path -> the top modules of its group (the group's paths; on a pipeline
+    stage, those it holds)."""
+    out = {g.name: [m for m in (_held(model, p) for p in g.paths) if m is not None] for g in self.module_groups()}
+    return {k: v for k, v in out.items() if v}
 
 
 def _module_layers(self, model: nn.Module) -> dict[str, list[nn.Module]]:
@@ -386,7 +396,7 @@ def _module_layers(self, model: nn.Module) -> dict[str, list[nn.Module]]:
 
     out: dict[str, list[nn.Module]] = {}
     for g in self.module_groups():
-        excluded = {id(model.get_submodule(e)) for e in g.exclude}
+        excluded = {id(m) for m in (_held(model, e) for e in g.exclude) if m is not None}
         layers: list[nn.Module] = []
 
         def walk(m: nn.Module) -> None:
@@ -398,13 +408,14 @@ def _module_layers(self, model: nn.Module) -> dict[str, list[nn.Module]]:
             for child in m.children():
                 walk(child)
 
-        for p in g.paths:
-            walk(model.get_submodule(p))
+        held = [m for m in (_held(model, p) for p in g.paths) if m is not None]
+        for m in held:
+            walk(m)
         if not layers:  # e.g. a projector: its modules (the members of a ModuleList) are the units
-            for p in g.paths:
-                m = model.get_submodule(p)
+            for m in held:
                 layers.extend(m.children() if isinstance(m, (nn.ModuleList, nn.ModuleDict)) else [m])
-        out[g.name] = layers
+        if held:
+            out[g.name] = layers
     return out
 
 

@@ -100,9 +100,10 @@ class ParallelDims:
         if self.cp > 1 and self.cp_algo not in CP_ALGOS:
             raise ConfigError(f"--context-parallel-algo {self.cp_algo}: only {', '.join(CP_ALGOS)} is implemented "
                               f"(all-to-all over heads); use --context-parallel-algo ulysses_cp_algo")
-        if self.pp != 1:
-            raise ConfigError(f"--pipeline-model-parallel-size {self.pp}: pipeline parallelism is not implemented in "
-                              f"this version; use --pipeline-model-parallel-size 1")
+        if self.pp > 1 and (self.cp > 1 or self.ep > 1):
+            raise ConfigError(f"--pipeline-model-parallel-size {self.pp} with "
+                              + ("--context-parallel-size" if self.cp > 1 else "--expert-model-parallel-size")
+                              + " > 1 is not implemented in this version; use PP with DP and TP, or set PP 1")
         prod = self.pp * self.cp * self.tp
         if self.world % prod:
             raise ConfigError(f"world size {self.world} (nproc_per_node x nnodes) is not divisible by "

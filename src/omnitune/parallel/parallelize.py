@@ -14,7 +14,11 @@ flat buffer before each forward and backward, the "reduce-scatter" copies every 
 on the bench-medium Qwen2-VL, fp32, 2 threads: 10.3 s vs 8.3 s per step, same loss). Parameters stay
 plain tensors; checkpoints are the same DCP files (a 1-process checkpoint resumes at any layout and
 the reverse). Under --bf16 the one process computes under autocast alone (matmuls in bf16, norms and
-softmax in fp32) where FSDP2 would also cast the parameters to bf16.
+softmax in fp32) where FSDP2 would also cast the parameters to bf16. Likewise a pipeline stage
+(parallel/pp.py) with no data-parallel or tensor-parallel peer (under TP, FSDP2 over the 1-rank
+data-parallel mesh makes every parameter a DTensor, which AdamW's foreach kernels need); otherwise
+each stage model is wrapped alone, its units
+the encoder blocks and text layers it holds.
 """
 from __future__ import annotations
 
@@ -31,8 +35,13 @@ def parallelize(train_model: nn.Module, family, dims, bf16: bool) -> nn.Module:
     if dims.cp > 1:
         from omnitune.parallel.cp import apply_cp
         apply_cp(train_model, family, dims.mesh["cp"])
-    if dims.world == 1:   # nothing to shard: see the module doc
+    if dims.world == 1 or (dims.pp > 1 and dims.dp_cp == 1 and dims.tp == 1):   # nothing to shard: see the module doc
         return train_model
     from omnitune.parallel.fsdp import apply_fsdp
-    apply_fsdp(train_model, family.fsdp_units(train_model.hf), dims.mesh["dp_cp"], bf16, dims=dims)
+    if getattr(train_model, "partial_model", False):   # a pipeline stage: the layers it holds
+        from omnitune.parallel.pp import stage_fsdp_units
+        units = stage_fsdp_units(train_model.hf)
+    else:
+        units = family.fsdp_units(train_model.hf)
+    apply_fsdp(train_model, units, dims.mesh["dp_cp"], bf16, dims=dims)
     return train_model

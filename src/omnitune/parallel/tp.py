@@ -249,16 +249,18 @@ def _pattern_re(pattern: str) -> re.Pattern:
     return re.compile("^" + r"\.".join("[^.]+" if s == "*" else re.escape(s) for s in pattern.split(".")) + "$")
 
 
-def resolve_plan(model: nn.Module, plan: dict) -> list[tuple[str, tuple[str, ...]]]:
+def resolve_plan(model: nn.Module, plan: dict, partial: bool = False) -> list[tuple[str, tuple[str, ...]]]:
     """[(module path, style names)] in plan order; raises when a pattern matches no module (a stale
-    path) so a renamed HF module cannot silently stay unsharded."""
-    names = [n for n, _ in model.named_modules()]
+    path) so a renamed HF module cannot silently stay unsharded. ``partial`` (a pipeline stage,
+    parallel/pp.py): modules the stage does not hold (no parameters here) are skipped, and a pattern
+    may match nothing."""
+    names = [n for n, m in model.named_modules() if not partial or any(True for _ in m.parameters())]
     out = []
     for pattern, styles in plan.items():
         styles = (styles,) if isinstance(styles, str) else tuple(styles)
         rx = _pattern_re(pattern)
         hits = [n for n in names if rx.match(n)]
-        if not hits:
+        if not hits and not partial:
             raise ValueError(f"TP plan pattern {pattern!r} matches no module of {type(model).__name__}")
         out.extend((n, styles) for n in hits)
     return out
@@ -283,7 +285,7 @@ def apply_tp(model: nn.Module, family, tp_mesh, sequence_parallel: bool = False)
     hf = getattr(model, "hf", model)
     plan = family.tp_plan(hf)
     ties = _tied_parameters(hf)
-    for path, styles in resolve_plan(hf, plan):
+    for path, styles in resolve_plan(hf, plan, partial=getattr(model, "partial_model", False)):
         mod = hf.get_submodule(path)
         for s in styles:
             parallelize_module(mod, tp_mesh, make_style(s, sequence_parallel))

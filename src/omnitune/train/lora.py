@@ -183,6 +183,7 @@ def check_layout(args) -> None:
     refused = [("--tensor-model-parallel-size", args.tensor_model_parallel_size > 1),
                ("--context-parallel-size", args.context_parallel_size > 1),
                ("--expert-model-parallel-size", args.expert_model_parallel_size > 1),
+               ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size > 1),
                ("--init-model-with-meta-device", args.init_model_with_meta_device)]
     for flag, bad in refused:
         if bad:

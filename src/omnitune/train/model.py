@@ -19,6 +19,9 @@ class TrainModel(nn.Module):
     implementation, fused MoE, recompute, activation offload) and loss_cfg; they are applied here,
     before FSDP2 wraps the model."""
 
+    #: a pipeline stage's part of the model (parallel/pp.py): settings of modules it lacks are skipped
+    partial_model = False
+
     def __init__(self, hf_model: nn.Module, family: ModelFamily, model_cfg=None):
         super().__init__()
         self.hf = hf_model
@@ -30,7 +33,8 @@ class TrainModel(nn.Module):
         self.settings_report: dict = {}
         self.offload_stats: dict = {}
         if model_cfg is not None:
-            self.settings_report = apply_module_settings(hf_model, family, model_cfg, self.offload_stats)
+            self.settings_report = apply_module_settings(hf_model, family, model_cfg, self.offload_stats,
+                                                         partial=self.partial_model)
         self.cp = None   # parallel.cp.ContextParallel once apply_cp ran
         self._router = None
         if self.router_aux_coef:
@@ -82,7 +86,8 @@ class TrainModel(nn.Module):
         no gradient reduction to defer. FSDP2's own method takes precedence once wrapped."""
 
 
-def apply_module_settings(hf_model: nn.Module, family: ModelFamily, model_cfg, offload_stats=None) -> dict:
+def apply_module_settings(hf_model: nn.Module, family: ModelFamily, model_cfg, offload_stats=None,
+                          partial: bool = False) -> dict:
     """Apply model.json per-module settings to the HF model (before FSDP2). Returns what was done
     per module, e.g. {"text_decoder": {"recompute": 2, "offload": 0, "experts": 2}}."""
     from omnitune.ops.attention import set_attn_implementation
@@ -94,6 +99,8 @@ def apply_module_settings(hf_model: nn.Module, family: ModelFamily, model_cfg, o
     report: dict[str, dict] = {}
     for name, mod in settings.items():
         if name not in roots:
+            if partial:   # held by another pipeline stage
+                continue
             if any(getattr(mod, k) for k in ("attn_implementation", "recompute_granularity", "activation_offload",
                                              "use_npu_fused_moe")):
                 raise ConfigError(f"model.json {name}: this model ({family.name}) has no such module")

@@ -70,3 +70,25 @@ def set_lr(optimizer: torch.optim.Optimizer | None, value: float) -> None:
     if optimizer is not None:
         for g in optimizer.param_groups:
             g["lr"] = value
+
+
+class OptimizerList:
+    """The AdamW of each pipeline stage model of this rank (parallel/pp.py) used as one optimizer:
+    checkpoints keep one per stage (``optimizers``, None where a stage has nothing to train)."""
+
+    def __init__(self, optimizers: list):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers if o is not None for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            if o is not None:
+                o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            if o is not None:
+                o.zero_grad(set_to_none=set_to_none)

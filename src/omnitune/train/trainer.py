@@ -47,6 +47,8 @@ class Plan:
     lora_base: tuple | None = None   # LoRA: ("hf" | "mm", path) of the base weights
     lora_report: str = ""     # LoRA: the adapter line of --dry-run (set by preflight)
     dpo: object = None        # train.dpo.DpoSpec (data.json attr.ranking), or None (SFT)
+    stages: list | None = None  # parallel.pp.StageSpec per pipeline stage (PP > 1)
+    stage_report: list[str] = field(default_factory=list)   # --dry-run lines of the stage map
 
     def describe(self) -> str:
         a, dims = self.args, self.dims
@@ -58,6 +60,7 @@ class Plan:
             f"data       : {a.mm_data} (template {self.data_cfg.dataset_param.basic_parameters.template})",
             *self._describe_data(),
             *dims.describe(),
+            *self.stage_report,
             *self._describe_memory(),
             f"init       : " + ("meta device; each rank reads only its shards" if a.init_model_with_meta_device
                                 else "full model on every rank, then sharded"),
@@ -195,10 +198,15 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
         raise ConfigError(f"{args.mm_data}: basic_parameters.packing with --context-parallel-size {dims.cp} is not "
                           f"implemented (the sequence split would cut packed samples); set packing false or "
                           f"--context-parallel-size 1")
+    stages = None
+    if dims.pp > 1:
+        stages = _plan_pipeline(args, dims, grad_acc, data_cfg, model_cfg, family, hf_config)
     if load_kind == "none":
         # Nothing else given: train from the original HF weights (seed: init_from_hf_path).
         load_kind, load_path = "hf", hf_dir
     plan = Plan(args, data_cfg, model_cfg, family, hf_dir, hf_config, load_kind, load_path, ignored, dims, grad_acc)
+    if stages is not None:
+        plan.stages, plan.stage_report = stages
     _plan_lora(plan, meta if load_kind == "resume" else None)
     from omnitune.train.dpo import spec_from
     plan.dpo = spec_from(args, data_cfg, args.mm_data, load_kind=load_kind, load_path=load_path,
@@ -206,6 +214,40 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
     if dry_run:
         preflight(plan)
     return plan, dry_run
+
+
+def _plan_pipeline(args, dims, grad_acc, data_cfg, model_cfg, family, hf_config):
+    """PP > 1: the stage map from model.json and what this version refuses with it; every stage must
+    have something to train unless --enable-dummy-optimizer (counted on a meta-device model).
+    Returns (stage specs, --dry-run lines)."""
+    from omnitune.parallel import pp as ppm
+    from omnitune.train.model import build_meta_model
+
+    vpp = args.virtual_pipeline_model_parallel_size or 1
+    flag = f"--pipeline-model-parallel-size {dims.pp}"
+    bp = data_cfg.dataset_param.basic_parameters
+    clash = ("data.json basic_parameters.packing" if bp.packing
+             else "data.json attr.ranking (DPO pairs)" if data_cfg.dataset_param.attr.ranking
+             else "--token-budget" if args.token_budget is not None
+             else "model.json loss_cfg.router_aux_loss_coef" if model_cfg.loss_cfg.router_aux_loss_coef
+             else "--init-model-with-meta-device" if args.init_model_with_meta_device
+             else None)
+    if clash:
+        raise ConfigError(f"{flag}: not with {clash} in this version; set PP 1 or drop that setting")
+    ppm.check_pipeline(args, dims, grad_acc)
+    specs = ppm.stage_specs(family, hf_config, model_cfg, dims.pp, vpp, args.mm_model)
+    model = build_meta_model(family, hf_config)
+    apply_freeze(model, family, {n for n, m in model_cfg.modules().items() if m.freeze})
+    counts = ppm.trainable_per_stage(model, family, specs)
+    lines = [f"pipeline   : {len(specs)} stages, " + ("1F1B" if vpp == 1 else f"interleaved 1F1B, {vpp} chunks per "
+                                                       f"PP rank") + f", {grad_acc} micro-batches per step"]
+    lines += [f"  {s.describe(dims.pp)}; {counts[s.index]:,} trainable parameters" for s in specs]
+    empty = [s.index for s in specs if counts[s.index] == 0]
+    if empty and not args.enable_dummy_optimizer:
+        raise ConfigError(f"{args.mm_model}: pipeline stage(s) {', '.join(map(str, empty))} hold no trainable "
+                          f"parameter (every module on them is frozen); add --enable-dummy-optimizer, or change "
+                          f"the freeze flags / pipeline_num_layers")
+    return specs, lines
 
 
 def _plan_lora(plan: Plan, resume_meta: dict | None) -> None:
@@ -370,7 +412,11 @@ class Trainer:
         self.trainable = apply_freeze(hf, plan.family, frozen)
         if not meta:
             hf.to(dist_ctx.device)
-        self.model = TrainModel(hf, plan.family, plan.model_cfg)
+        self.pp_runner = None
+        if plan.stages is not None:   # this rank's pipeline stages (parallel/pp.py): pruned copies, then
+            self._build_pipeline(hf, processor.tokenizer.pad_token_id)   # the model.json settings on each
+        else:
+            self.model = TrainModel(hf, plan.family, plan.model_cfg)
         if plan.data_cfg.dataset_param.basic_parameters.packing:   # per-sample attention (ops/packing.py)
             from omnitune.ops.packing import use_packed_attention
             impl = use_packed_attention(hf, plan.family)
@@ -383,15 +429,21 @@ class Trainer:
                  + (f", router aux x {lc.router_aux_loss_coef}" if lc.router_aux_loss_coef else ""))
         for name, what in self.model.settings_report.items():
             self.log(f"module     : {name}: " + ", ".join(f"{k} {v}" for k, v in what.items()))
-        parallelize(self.model, plan.family, dims, a.bf16)
+        if plan.stages is None:   # (pipeline stages were sharded each alone)
+            parallelize(self.model, plan.family, dims, a.bf16)
         if meta:
             from omnitune.checkpoint.sharded_load import materialize_and_load
             # resume: materialise only; load_checkpoint below fills every shard from the DCP files
             kind = plan.load_kind if plan.load_kind in ("hf", "mm") else None
             report = materialize_and_load(self.model, plan.family, kind, plan.load_path, device=dist_ctx.device)
             self.log(report.describe())
-        self.optimizer = build_optimizer(self.model, a.lr, a.weight_decay, (a.adam_beta1, a.adam_beta2),
-                                         a.adam_eps, allow_empty=a.enable_dummy_optimizer)
+        if self.pp_runner is not None:   # one AdamW per stage model (None: a stage with nothing to train)
+            from omnitune.train.optim import OptimizerList
+            self.optimizer = OptimizerList([build_optimizer(st, a.lr, a.weight_decay, (a.adam_beta1, a.adam_beta2),
+                                                            a.adam_eps, allow_empty=True) for st in self.model.parts])
+        else:
+            self.optimizer = build_optimizer(self.model, a.lr, a.weight_decay, (a.adam_beta1, a.adam_beta2),
+                                             a.adam_eps, allow_empty=a.enable_dummy_optimizer)
         self.reference = self.ref_model = None
         if plan.dpo is not None:   # never trained; sharded like the policy, or the policy without adapters
             from omnitune.train.dpo import build_reference
@@ -448,6 +500,26 @@ class Trainer:
                 raise DataError(what + str(e)) from None
         self.logger = self._make_logger()
 
+    def _build_pipeline(self, hf, pad_id) -> None:
+        from omnitune.parallel import pp as ppm
+        from omnitune.parallel.parallelize import parallelize
+
+        plan, dims, a = self.plan, self.dims, self.args
+        table = ppm.StepTable()
+        stages = ppm.build_stage_modules(hf, plan.family, plan.model_cfg, plan.stages, dims.coords(dims.rank)["pp"],
+                                         dims.pp, table)
+        for st in stages:
+            parallelize(st, plan.family, dims, a.bf16)
+        self.model = ppm.StagesModel(stages)
+        self.pp_runner = ppm.PipelineRunner(stages, len(plan.stages), dims, self.d.device,
+                                            a.virtual_pipeline_model_parallel_size or 1)
+        self.tied_sync = ppm.TiedGradSync(dims, stages)
+        self.pp_tied_copy = {id(p) for st in stages if st.spec.last and not st.spec.first
+                             for p in ppm.tied_stage_parameters([st])}
+        self.pad_id = pad_id
+        for line in plan.stage_report:
+            self.log(line)
+
     def _make_logger(self) -> Logger:
         """Megatron lines + metrics.jsonl, and the progress bar / TensorBoard / W&B the flags ask for."""
         a = self.args
@@ -494,6 +566,8 @@ class Trainer:
         close to but not exactly the whole sequence's: that loss is not additive over tokens)."""
         if getattr(getattr(self, "plan", None), "dpo", None) is not None:   # (tests build bare Trainers)
             return self.dpo_step(micro_batches)
+        if getattr(self, "pp_runner", None) is not None:
+            return self.pipeline_step(micro_batches)
         from omnitune.train.loss import local_counts, token_weights
 
         a, dev, dims = self.args, self.d.device, self.dims
@@ -530,6 +604,43 @@ class Trainer:
         if self.model.router_aux_coef:
             out["aux_loss"] = stats[1].item()
         return out
+
+    def pipeline_step(self, micro_batches: list[dict]) -> dict:
+        """:meth:`train_step` under pipeline parallelism: the same loss weights, computed up front on
+        every stage (all ranks of a pipeline hold the same micro-batches); the schedule runs forward
+        and backward of all micro-batches; the last stage holds the loss, summed over PP then DP x CP
+        for the log."""
+        from omnitune.parallel.pp import pad_micro_batches
+        from omnitune.train.loss import local_counts, token_weights
+
+        a, dev, dims = self.args, self.d.device, self.dims
+        counts = local_counts([mb["labels"] for mb in micro_batches],
+                              [mb.get("segment_ids") for mb in micro_batches]).to(dev)
+        if self.loss_type != "default" and dims.dp > 1:
+            dist.all_reduce(counts, group=dims.group("dp"))
+        n_micro = len(micro_batches) * dims.dp
+        mbs = []
+        for mb in micro_batches:
+            mb = dict(mb)
+            mb["loss_weights"] = token_weights(mb["labels"], self.loss_type, micro_batches=n_micro,
+                                               global_tokens=float(counts[0]), global_samples=float(counts[1]),
+                                               segments=mb.get("segment_ids"))
+            mbs.append(_to_device(mb, dev))
+        mbs = pad_micro_batches(mbs, self.pad_id)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
+            parts = self.pp_runner.step(mbs, scale=float(dims.dp_cp))
+        self.tied_sync()
+        grad_norm = self._clip_grad()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        last = self.pp_runner.is_last
+        loss = sum((v.double() for v in parts.values()), torch.zeros((), dtype=torch.float64, device=dev))
+        tokens = sum(float(mb["attention_mask"].sum()) for mb in micro_batches) if last else 0.0
+        stats = torch.stack([loss.to(dev), torch.tensor(float(tokens), dtype=torch.float64, device=dev)])
+        dist.all_reduce(stats, group=dims.group("pp"))
+        if dims.dp_cp > 1:
+            dist.all_reduce(stats, group=dims.group("dp_cp"))
+        return {"loss": stats[0].item(), "tokens": stats[1].item(), "grad_norm": grad_norm}
 
     def dpo_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step of DPO (train/dpo.py): the mean pair loss over the global batch. Each
@@ -581,6 +692,19 @@ class Trainer:
         from omnitune.parallel.grad import clip_grad_norm_
 
         max_norm = self.args.clip_grad if self.args.clip_grad > 0 else float("inf")
+        if getattr(self, "pp_runner", None) is not None:   # every stage's part, the tied copy once
+            from omnitune.parallel.grad import total_norm
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            sq = torch.tensor(total_norm([p for p in params if id(p) not in self.pp_tied_copy]) ** 2,
+                              dtype=torch.float64, device=self.d.device)
+            dist.all_reduce(sq, group=self.dims.group("pp"))
+            norm = math.sqrt(float(sq))
+            coef = max_norm / (norm + 1e-6)
+            if coef < 1.0:
+                with torch.no_grad():
+                    for p in params:
+                        p.grad.mul_(coef)
+            return norm
         return clip_grad_norm_(self.model.parameters(), max_norm)
 
     # --------------------------------------------------------------------------------- loop
@@ -669,7 +793,18 @@ class Trainer:
                    for k in range(a.eval_iters * self.grad_acc)]
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=dev)
-        for mb in self._make_loader(batches, self.val_dataset):
+        if getattr(self, "pp_runner", None) is not None:   # forward-only schedule; the last stage sums
+            from omnitune.parallel.pp import pad_micro_batches
+            mbs = pad_micro_batches([_to_device(mb, dev) for mb in self._make_loader(batches, self.val_dataset)],
+                                    self.pad_id)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
+                parts = self.pp_runner.step(mbs, scale=1.0, train=False)
+            counts = self.pp_runner.table.counts
+            for i, v in parts.items():
+                totals += torch.stack([v.double(), counts[i].double().to(dev)])
+            dist.all_reduce(totals, group=dims.group("pp"))
+            batches = []
+        for mb in self._make_loader(batches, self.val_dataset) if batches else ():
             mb = _to_device(mb, dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
                 if self.plan.dpo is not None:   # the DPO loss, mean over the validation pairs
