@@ -58,7 +58,11 @@ BAD = [
      ["--tensor-model-parallel-size 2", "experts are not tensor-parallel"]),
     ("qwen2_vl", 4, ["--tensor-model-parallel-size", "2", "--global-batch-size", "3"],
      ["--global-batch-size 3", "data-parallel size 2"]),
-    ("qwen2_vl", 2, ["--pipeline-model-parallel-size", "2"], ["--pipeline-model-parallel-size 2", "not implemented"]),
+    ("qwen2_vl", 2, ["--pipeline-model-parallel-size", "2"], ["--pipeline-model-parallel-size 2", "at least 2"]),
+    ("qwen2_vl", 4, ["--pipeline-model-parallel-size", "2", "--context-parallel-size", "2", "--global-batch-size", "4"],
+     ["--pipeline-model-parallel-size 2", "--context-parallel-size", "not implemented"]),
+    ("qwen2_vl", 2, ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
+                     "--global-batch-size", "3"], ["interleaved 1F1B", "multiple of --pipeline-model-parallel-size 2"]),
     ("qwen2_vl", 2, ["--context-parallel-size", "2", "--seq-length", "1"], ["--seq-length 1", "--context-parallel-size 2"]),
     ("qwen2_5_omni", 8, ["--tensor-model-parallel-size", "8"], ["--tensor-model-parallel-size 8", "heads"]),
 ]
@@ -93,3 +97,63 @@ def test_good_layout_plan_and_estimate(configs):
     # TP2 x DP2: every sharded weight is split 4 ways; only the few replicated (norms, biases) less
     assert e1.params / 4 <= e4.params < e1.params / 3.5
     assert e4.bytes_total == 16 * e4.trainable + 4 * (e4.params - e4.trainable)
+
+
+def _with_layers(model_json, tmp_path, text=None, vision=None, freeze_text=False):
+    import json
+
+    cfg = json.loads(model_json.read_text())
+    if text is not None:
+        cfg.setdefault("text_decoder", {})["pipeline_num_layers"] = text
+    cfg.setdefault("text_decoder", {})["freeze"] = freeze_text
+    if vision is not None:
+        cfg["image_encoder"]["vision_encoder"]["pipeline_num_layers"] = vision
+    out = tmp_path / "model_pp.json"
+    out.write_text(json.dumps(cfg))
+    return out
+
+
+PP_BAD = [   # (text layers, vision layers, flags, words): the tiny Qwen2-VL has 2 text and 2 vision layers
+    ([1, 1], [1, 1], [], ["image_encoder.vision_encoder.pipeline_num_layers [1, 1]",
+                          "encoder's layers must all come before", "use [2, 0]"]),
+    ([0, 2], [1, 1], [], ["vision_encoder.pipeline_num_layers [1, 1]", "whole encoder on the first stage"]),
+    ([1, 1, 0], None, [], ["text_decoder.pipeline_num_layers [1, 1, 0] has 3 entries", "2 stages"]),
+    ([2, 1], None, [], ["sums to 3", "2 layers"]),
+    ([1, 1], None, ["--virtual-pipeline-model-parallel-size", "2"], ["give a list of 2 lists"]),
+    ([[1, 1], [0]], None, ["--virtual-pipeline-model-parallel-size", "2"], ["2 lists of 2 numbers"]),
+]
+
+
+@pytest.mark.parametrize("text,vision,flags,words", PP_BAD, ids=[str(i) for i in range(len(PP_BAD))])
+def test_bad_pipeline_layout_refused_naming_the_field(configs, tmp_path, text, vision, flags, words):
+    data_json, model_json = configs["qwen2_vl"]
+    mj = _with_layers(model_json, tmp_path, text, vision)
+    with pytest.raises(ConfigError) as e:
+        make_plan(_argv(data_json, mj, "--pipeline-model-parallel-size", "2", "--global-batch-size", "4", *flags),
+                  world_size=2)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_pipeline_stage_map_and_dummy_optimizer_rule(configs, tmp_path):
+    data_json, model_json = configs["qwen2_vl"]
+    pp = ["--pipeline-model-parallel-size", "2", "--global-batch-size", "4"]
+    plan, _ = make_plan(_argv(data_json, _with_layers(model_json, tmp_path, [[0, 1], [1, 0]], [[2, 0], [0, 0]]),
+                              *pp, "--virtual-pipeline-model-parallel-size", "2"), world_size=2)
+    text = plan.describe()
+    assert "pipeline   : 4 stages, interleaved 1F1B, 2 chunks per PP rank, 4 micro-batches per step" in text
+    assert "stage 0 (PP rank 0, chunk 0): vision/audio encoders + embedding, no text layer" in text
+    assert "stage 1 (PP rank 1, chunk 0): text layers 0-0" in text
+    assert "stage 2 (PP rank 0, chunk 1): text layers 1-1" in text
+    assert "stage 3 (PP rank 1, chunk 1): no text layer, norm + lm_head + loss" in text
+    # the tied embedding / lm_head is trainable on both the first and the last stage
+    counts = [int(line.rsplit("; ", 1)[1].split()[0].replace(",", "")) for line in text.splitlines()
+              if line.strip().startswith("stage ")]
+    assert all(c > 0 for c in counts) and counts[3] < counts[0]
+    frozen = _with_layers(model_json, tmp_path, [1, 1], freeze_text=True)
+    with pytest.raises(ConfigError) as e:
+        make_plan(_argv(data_json, frozen, *pp), world_size=2)
+    assert "pipeline stage(s) 1 hold no trainable parameter" in str(e.value)
+    assert "--enable-dummy-optimizer" in str(e.value)
+    plan, _ = make_plan(_argv(data_json, frozen, *pp, "--enable-dummy-optimizer"), world_size=2)
+    assert "stage 1 (PP rank 1, chunk 0): text layers 1-1, norm + lm_head + loss; 0 trainable" in plan.describe()

@@ -48,7 +48,18 @@ def _tp_sharded_names(model, family) -> set[str]:
     return set(tp_sharded_parameter_names(model, family))
 
 
-def estimate_rank_bytes(family, hf_config, dims, frozen: set[str], bf16: bool = False) -> Estimate:
+def estimate_rank_bytes(family, hf_config, dims, frozen: set[str], bf16: bool = False, stages=None) -> Estimate:
+    """``stages`` (PP > 1, parallel.pp.StageSpec list): the PP rank holding the most, counting the
+    parameters of its stages (the tied embedding / lm_head on both the first and the last)."""
+    if stages is not None:
+        return max((_estimate(family, hf_config, dims, frozen, bf16, [s for s in stages if s.index % dims.pp == r])
+                    for r in range(dims.pp)), key=lambda e: e.bytes_total)
+    return _estimate(family, hf_config, dims, frozen, bf16, None)
+
+
+def _estimate(family, hf_config, dims, frozen: set[str], bf16: bool, stages) -> Estimate:
+    import copy
+
     from omnitune.train.model import apply_freeze
 
     model = meta_model(family, hf_config)
@@ -56,9 +67,18 @@ def estimate_rank_bytes(family, hf_config, dims, frozen: set[str], bf16: bool = 
         p.requires_grad_(False)
     apply_freeze(model, family, frozen)
     tp_names = _tp_sharded_names(model, family) if dims.tp > 1 else set()
+    keep = None
+    if stages is not None:
+        from omnitune.parallel.pp import prune_for_stage
+        keep = set()
+        for spec in stages:
+            keep |= {n for n, _ in prune_for_stage(copy.deepcopy(model), family, spec).named_parameters(
+                remove_duplicate=False)}
     held = trainable = total = 0
     by_name = {}
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters(remove_duplicate=keep is None):
+        if keep is not None and name not in keep:
+            continue
         # experts under EP: E/ep experts per rank, FSDP over DP x CP / EP: the same share as the rest
         local = -(-p.numel() // dims.tp) if name in tp_names else p.numel()
         by_name[name] = local
@@ -70,7 +90,7 @@ def estimate_rank_bytes(family, hf_config, dims, frozen: set[str], bf16: bool = 
     unit = 0
     for u in family.fsdp_units(model):
         ids = {id(p) for p in u.parameters()}
-        unit = max(unit, sum(by_name[n] for n, p in model.named_parameters() if id(p) in ids))
+        unit = max(unit, sum(by_name.get(n, 0) for n, p in model.named_parameters() if id(p) in ids))
     return Estimate(held, trainable, total, 4 * held, 4 * trainable, 8 * trainable, unit * (2 if bf16 else 4))
 
 

@@ -94,7 +94,8 @@ class Plan:
         frozen = {n for n, m in self.model_cfg.modules().items() if m.freeze}
         if self.lora is not None:   # base weights frozen everywhere (the adapters are not counted)
             frozen = {g.name for g in self.family.module_groups()}
-        est = estimate_rank_bytes(self.family, self.hf_config, self.dims, frozen, bf16=self.args.bf16)
+        est = estimate_rank_bytes(self.family, self.hf_config, self.dims, frozen, bf16=self.args.bf16,
+                                  stages=self.stages)
         return format_estimate(est)
 
     def _describe_data(self) -> list[str]:
