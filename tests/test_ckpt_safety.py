@@ -208,12 +208,14 @@ def test_distcp_bytes_payload_is_refused_on_resume(tmp_path):
     _load_state_dict(sd, storage_reader=FileSystemReader(str(ckpt)), planner=_EmptyStateDictLoadPlanner(),
                      no_dist=True)
     marker = tmp_path / "pwned"
-    sd["optim"]["param_groups"][0]["lr"] = _Payload(marker)
+    # optimizer state is saved flat (checkpoint/dcp.py optim_state): "param_groups.<parameter>.lr"
+    lr_key = next(k for k in sd["optim"] if k.startswith("param_groups.") and k.endswith(".lr"))
+    sd["optim"][lr_key] = _Payload(marker)
     for f in ckpt.glob("*.distcp"):
         f.unlink()
     dcp.save(sd, checkpoint_id=str(ckpt), no_dist=True)
     safe_dcp.read_metadata(ckpt)  # the metadata itself is clean
-    with pytest.raises(safe_dcp.CheckpointError, match=r"\.distcp: entry 'optim\.param_groups\.0\.lr' refused "
+    with pytest.raises(safe_dcp.CheckpointError, match=r"\.distcp: entry 'optim\.param_groups\.[\w.]+\.lr' refused "
                                                         r"by torch\.load\(weights_only=True\)"):
         ck.load_checkpoint(ckpt, model, opt)
     assert not marker.exists()
