@@ -59,6 +59,8 @@ BAD = [
     ("qwen2_vl", 4, ["--tensor-model-parallel-size", "2", "--global-batch-size", "3"],
      ["--global-batch-size 3", "data-parallel size 2"]),
     ("qwen2_vl", 2, ["--pipeline-model-parallel-size", "2"], ["--pipeline-model-parallel-size 2", "at least 2"]),
+    ("qwen2_vl", 2, ["--pipeline-model-parallel-size", "2", "--global-batch-size", "4", "--eval-interval", "2"],
+     ["--pipeline-model-parallel-size 2", "--eval-interval"]),
     ("qwen2_vl", 4, ["--pipeline-model-parallel-size", "2", "--context-parallel-size", "2", "--global-batch-size", "4"],
      ["--pipeline-model-parallel-size 2", "--context-parallel-size", "not implemented"]),
     ("qwen2_vl", 2, ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",

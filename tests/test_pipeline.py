@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from spine_util import losses, omnitune, train_flags
-from test_family_e2e import SEQ, _configs
+from spine_util import losses, omnitune
+# the scale-out tests' flags, tolerance and one-process reference run (a module-scoped fixture: this
+# file's own instance, on its own xdist worker)
+from test_scaleout import _close, _flags, check_layouts, family_runs  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -34,16 +36,6 @@ LAYOUTS = {   # name -> (processes, flags, text_decoder.pipeline_num_layers)
 }
 
 
-def _flags(data_json, model_json, save, load, extra=(), iters=ITERS):
-    return train_flags(data_json, model_json, iters=iters, save=save, load=load, mbs=1, gbs=4,
-                       extra=["--seq-length", str(SEQ), "--lr", "5e-3", "--min-lr", "1e-3", "--save-interval", "5",
-                              *extra])
-
-
-def _close(a: float, b: float, rel: float) -> bool:
-    return abs(a - b) <= rel * max(abs(a), abs(b))
-
-
 def _model_json(model_json: Path, out: Path, text_layers, vision=None, freeze_text=False) -> Path:
     cfg = json.loads(model_json.read_text())
     cfg["text_decoder"]["pipeline_num_layers"] = text_layers
@@ -54,43 +46,10 @@ def _model_json(model_json: Path, out: Path, text_layers, vision=None, freeze_te
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_model_dir, tmp_path_factory):
-    out = {}
-
-    def get(name):
-        if name not in out:
-            from omnitune.models.registry import get_family
-
-            root = tmp_path_factory.mktemp(name)
-            hf_dir = tiny_model_dir(name)
-            data_json, model_json, _, _ = _configs(get_family(name), hf_dir, root)
-            one = root / "one"
-            omnitune(["train", *_flags(data_json, model_json, one, hf_dir)])
-            out[name] = (data_json, model_json, hf_dir, root, one)
-        return out[name]
-    return get
-
-
-def check_layouts(name, layouts, runs):
-    data_json, model_json, hf_dir, root, one = runs(name)
-    ref, ref_gn = losses(one, "loss"), losses(one, "grad_norm")
-    assert sorted(ref) == list(range(1, ITERS + 1))
-    report = {}
-    for lay in layouts:
-        nproc, flags, text = LAYOUTS[lay]
-        vpp = isinstance(text[0], list)
-        mj = _model_json(model_json, root / f"model_{lay}.json", text, [[2, 0], [0, 0]] if vpp else [2, 0])
-        save = root / lay
-        r = omnitune(["train", "--nproc-per-node", str(nproc), *_flags(data_json, mj, save, hf_dir, flags)])
-        got, gn = losses(save, "loss"), losses(save, "grad_norm")
-        worst = max(abs(got[i] - ref[i]) / abs(ref[i]) for i in ref)
-        report[lay] = f"{worst:.1e}"
-        assert all(_close(got[i], ref[i], 1e-4) for i in ref), (lay, got, ref)
-        assert _close(gn[1], ref_gn[1], 1e-5), (lay, gn[1], ref_gn[1])
-        assert "stage 1 (PP rank 1" in r.stdout
-    print(f"{name}: worst relative loss difference over {ITERS} steps: {report}")
-    return root
+def _layout_model_json(lay, model_json, root):
+    text = LAYOUTS[lay][2]
+    vpp = isinstance(text[0], list)
+    return _model_json(model_json, root / f"model_{lay}.json", text, [[2, 0], [0, 0]] if vpp else [2, 0])
 
 
 # Qwen2-VL runs every layout; Qwen3-VL (DeepStack features crossing the boundaries) the interleaved
@@ -100,8 +59,8 @@ CASES = [("qwen2_vl", list(LAYOUTS)), ("qwen3_vl", ["pp2_vpp2"]), ("qwen2_5_omni
 
 
 @pytest.mark.parametrize("name,layouts", CASES, ids=[c[0] for c in CASES])
-def test_pipeline_layouts_match_one_process(name, layouts, runs):
-    check_layouts(name, layouts, runs)
+def test_pipeline_layouts_match_one_process(name, layouts, family_runs):
+    check_layouts(name, layouts, family_runs, LAYOUTS, _layout_model_json, marker="stage 1 (PP rank 1")
 
 
 def _resume_from(src: Path, dst: Path) -> Path:
@@ -113,10 +72,10 @@ def _resume_from(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_pipeline_checkpoints_resume_at_other_layouts(runs):
+def test_pipeline_checkpoints_resume_at_other_layouts(family_runs):
     """PP2's iteration-5 checkpoint resumes in one process, and the one process's at PP2: iterations
     6..10 give the uninterrupted runs' losses (the tied embedding is stored once, by its own name)."""
-    data_json, model_json, hf_dir, root, one = runs("qwen2_vl")
+    data_json, model_json, hf_dir, root, one = family_runs("qwen2_vl")
     pp2 = root / "pp2"
     mj = _model_json(model_json, root / "model_pp2.json", [1, 1], [2, 0])
     if not (pp2 / "iter_0000005").is_dir():
@@ -130,7 +89,7 @@ def test_pipeline_checkpoints_resume_at_other_layouts(runs):
             assert _close(got[i], ref[i], 1e-5), (src.name, nproc, i, got[i], ref[i])
 
 
-def test_stage_without_trainable_parameters_needs_the_dummy_optimizer(runs):
+def test_stage_without_trainable_parameters_needs_the_dummy_optimizer(family_runs):
     """Text decoder frozen, layout [1, 1]: stage 1 (a text layer, the norm and the tied lm_head) has
     nothing to train. Refused before launch naming --enable-dummy-optimizer; with it the vision
     tower trains and every text-decoder weight stays bit-identical."""
@@ -139,10 +98,10 @@ def test_stage_without_trainable_parameters_needs_the_dummy_optimizer(runs):
     from omnitune.cli.main import main as cli_main
     from test_family_e2e import _tensors
 
-    data_json, model_json, hf_dir, root, _ = runs("qwen2_vl")
+    data_json, model_json, hf_dir, root, _ = family_runs("qwen2_vl")
     mj = _model_json(model_json, root / "model_frozen_text.json", [1, 1], [2, 0], freeze_text=True)
     save = root / "dummy"
-    flags = _flags(data_json, mj, save, hf_dir, PP, iters=3)
+    flags = [*_flags(data_json, mj, save, hf_dir, PP), "--train-iters", "3"]
     r = omnitune(["train", "--nproc-per-node", "2", *flags], check=False)
     assert r.returncode != 0
     assert "pipeline stage(s) 1 hold no trainable parameter" in r.stderr and "--enable-dummy-optimizer" in r.stderr
@@ -156,12 +115,12 @@ def test_stage_without_trainable_parameters_needs_the_dummy_optimizer(runs):
     assert any(not torch.equal(before[k], after[k]) for k in vision)
 
 
-def test_mm_folder_of_a_pipeline_layout_loads_into_the_pipeline_run(runs):
+def test_mm_folder_of_a_pipeline_layout_loads_into_the_pipeline_run(family_runs):
     """mm-convert hf_to_mm with llm_pp_layers [[1, 1]] / vit_pp_layers [[2, 0]] (the layout of the
     run) -> --load of that folder at PP2: the first loss equals the run started from the HF folder."""
     from omnitune.cli.mm_convert import main as mm_convert
 
-    data_json, model_json, hf_dir, root, _ = runs("qwen2_vl")
+    data_json, model_json, hf_dir, root, _ = family_runs("qwen2_vl")
     mm = root / "mm_pp2"
     assert mm_convert(["Qwen2VLConverter", "hf_to_mm", "--cfg.mm_dir", str(mm), "--cfg.hf_config.hf_dir",
                        str(hf_dir), "--cfg.parallel_config.llm_pp_layers", "[[1,1]]",
@@ -172,5 +131,6 @@ def test_mm_folder_of_a_pipeline_layout_loads_into_the_pipeline_run(runs):
     if not (pp2 / "metrics.jsonl").is_file():
         omnitune(["train", "--nproc-per-node", "2", *_flags(data_json, mj, pp2, hf_dir, PP)])
     save = root / "from_mm"
-    omnitune(["train", "--nproc-per-node", "2", *_flags(data_json, mj, save, mm, PP, iters=1)])
+    omnitune(["train", "--nproc-per-node", "2", *_flags(data_json, mj, save, mm, PP), "--train-iters", "1"])
     assert _close(losses(save, "loss")[1], losses(pp2, "loss")[1], 1e-6)
+

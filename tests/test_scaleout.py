@@ -81,21 +81,25 @@ def test_layouts_match_one_process(name, layouts, family_runs):
     check_layouts(name, layouts, family_runs)
 
 
-def check_layouts(name, layouts, family_runs):
+def check_layouts(name, layouts, family_runs, table=None, model_json_for=None, marker=None):
+    """Each layout of ``table`` (name -> (processes, flags, ...); default LAYOUTS) logs the one-process
+    run's losses. ``model_json_for(layout, model_json, root)``: the model.json a layout trains with;
+    ``marker``: text its log must show (default: the world size)."""
     data_json, model_json, hf_dir, root, one = family_runs(name)
     ref, ref_gn = _metric(one, "loss"), _metric(one, "grad_norm")
     assert sorted(ref) == list(range(1, ITERS + 1))
     report = {}
     for lay in layouts:
-        nproc, flags = LAYOUTS[lay]
+        nproc, flags = (table or LAYOUTS)[lay][:2]
+        mj = model_json_for(lay, model_json, root) if model_json_for else model_json
         save = root / lay
-        r = omnitune(["train", "--nproc-per-node", str(nproc), *_flags(data_json, model_json, save, hf_dir, flags)])
+        r = omnitune(["train", "--nproc-per-node", str(nproc), *_flags(data_json, mj, save, hf_dir, flags)])
         got, gn = _metric(save, "loss"), _metric(save, "grad_norm")
         worst = max(abs(got[i] - ref[i]) / abs(ref[i]) for i in ref)
         report[lay] = f"{worst:.1e}"
         assert all(_close(got[i], ref[i], 1e-4) for i in ref), (lay, got, ref)
         assert _close(gn[1], ref_gn[1], 1e-5), (lay, gn[1], ref_gn[1])
-        assert "world " + str(nproc) in r.stdout
+        assert (marker or f"world {nproc}") in r.stdout
     print(f"{name}: worst relative loss difference over {ITERS} steps: {report}")
     if name == "qwen3_vl_moe" and "dp2_tp2" in layouts:
         _export_and_dcp_to_hf_read_a_tp_checkpoint(root / "dp2_tp2", hf_dir, root)

@@ -270,8 +270,12 @@ class ModelFamily:
         pos, _ = model.model.get_rope_index(sub["input_ids"], sub["mm_token_type_ids"],
                                             image_grid_thw=sub.get("image_grid_thw"),
                                             video_grid_thw=sub.get("video_grid_thw"),
-                                            attention_mask=sub["attention_mask"])
+                                            attention_mask=sub["attention_mask"],
+                                            **{k: sub.get(k) for k in self.rope_index_keys})
         return pos
+
+    #: further batch keys the family's ``get_rope_index`` takes (Qwen2.5-VL: second_per_grid_ts)
+    rope_index_keys: tuple[str, ...] = ()
 
     #: batch keys passed through to the HF model's forward as they are (besides ids/mask/grids)
     forward_batch_keys: tuple[str, ...] = ("mm_token_type_ids",)

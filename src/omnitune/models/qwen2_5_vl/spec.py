@@ -48,14 +48,7 @@ class Qwen2_5VLFamily(Qwen2VLFamily):
         "linear_fc1": (r"merger\.mlp\.0",), "linear_fc2": (r"merger\.mlp\.2",)})
     # videos' seconds per temporal grid step feed the temporal rope positions
     forward_batch_keys = ("mm_token_type_ids", "second_per_grid_ts")
-
-    def rope_index(self, model: nn.Module, sub: dict):
-        pos, _ = model.model.get_rope_index(sub["input_ids"], sub["mm_token_type_ids"],
-                                            image_grid_thw=sub.get("image_grid_thw"),
-                                            video_grid_thw=sub.get("video_grid_thw"),
-                                            second_per_grid_ts=sub.get("second_per_grid_ts"),
-                                            attention_mask=sub["attention_mask"])
-        return pos
+    rope_index_keys = ("second_per_grid_ts",)
 
     def tiny_config(self, size: str = "tiny"):
         s = SIZES[size]
