@@ -403,11 +403,9 @@ def tied_stage_parameters(stages: list[nn.Module]) -> list[nn.Parameter]:
     """The tied embedding / lm_head parameter on this rank's first or last stage (each holds a copy)."""
     out = []
     for m in stages:
-        hf = m.hf
-        if not getattr(hf.config, "tie_word_embeddings", False) and not getattr(
-                getattr(hf.config, "text_config", None), "tie_word_embeddings", False):
+        if not _any_tied([m]):
             continue
-        fam = m.family
+        hf, fam = m.hf, m.family
         if m.spec.first and not m.spec.last:
             out.append(fam.language_model(hf).embed_tokens.weight)
         elif m.spec.last and not m.spec.first:
