@@ -26,6 +26,7 @@ CASES = {
     ("qwen2.5vl", "3b"): ("data_3b.json", "model_3b.json", "finetune_qwen2_5_vl_3b.sh"),
     ("qwen2.5vl", "7b"): ("data_7b.json", "model_7b.json", "finetune_qwen2_5_vl_7b.sh"),
     ("qwen2.5omni", "7b"): ("data_7b.json", "model_7b.json", "finetune_qwen2_5_omni_7b.sh"),
+    ("qwen2.5omni", "7b-hetero"): ("data_7b.json", "model_7b.json", "finetune_qwen2_5_omni_7b_hetero.sh"),
     ("qwen3vl", "8B"): ("data_8B.json", "model_8B.json", "finetune_qwen3vl_8B.sh"),
     ("qwen3vl", "30B"): ("data_30B.json", "model_30B.json", "finetune_qwen3vl_30B.sh"),
     ("qwen3omni", "30B-A3B"): ("data.json", "model.json", "finetune_qwen3omni.sh"),
@@ -125,12 +126,25 @@ def _tiny_configs(folder: str, size: str, out: Path, hf_dir: Path) -> tuple[Path
     return out / "data.json", out / "model.json"
 
 
+# scripts with a parallel layout: (world size, tiny-model text overrides, lines --dry-run must print)
+LAYOUT_SCRIPTS = {
+    ("qwen2.5omni", "7b-hetero"): (4, {"num_key_value_heads": 4}, [
+        "world 4 = PP 1 x DP 1 x CP 1 x TP 4",
+        "hetero     : image_encoder, audio_encoder data-parallel over each TP group (4 ranks"]),
+}
+
+
 @pytest.mark.parametrize("folder,size", list(CASES))
 def test_example_script_flags_parse(folder, size, tmp_path, tiny_model_dir):
     """Run the script with a stand-in `torchrun` that starts omnitune.train --dry-run in-process."""
     data_name, model_name, script = CASES[folder, size]
     family = family_for_model_id(json.loads((EXAMPLES / folder / model_name).read_text())["model_id"])
-    hf_dir = tiny_model_dir(family.name)
+    world, overrides, expect = LAYOUT_SCRIPTS.get((folder, size), (1, None, ["world 1 = PP 1 x DP 1 x CP 1 x TP 1"]))
+    if overrides:   # TP 4 needs 4 key/value heads
+        from omnitune.models.tiny import build_tiny_model
+        hf_dir = build_tiny_model(family.name, tmp_path / "tiny", text_overrides=overrides)
+    else:
+        hf_dir = tiny_model_dir(family.name)
     data_json, model_json = _tiny_configs(folder, size, tmp_path / "cfg", hf_dir)
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -138,12 +152,14 @@ def test_example_script_flags_parse(folder, size, tmp_path, tiny_model_dir):
     fake.write_text(f"#!/bin/sh\nwhile [ \"$1\" != \"-m\" ]; do shift; done\nshift 2\n"
                     f"exec {sys.executable} -m omnitune.train \"$@\" --dry-run\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", NPUS_PER_NODE="1", MM_DATA=str(data_json),
-               MM_MODEL=str(model_json), LOAD_PATH=str(hf_dir), SAVE_PATH=str(tmp_path / "save"))
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", NPUS_PER_NODE=str(world), WORLD_SIZE=str(world),
+               MM_DATA=str(data_json), MM_MODEL=str(model_json), LOAD_PATH=str(hf_dir),
+               SAVE_PATH=str(tmp_path / "save"))
     r = subprocess.run(["bash", str(EXAMPLES / folder / script)], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "world 1 = PP 1 x DP 1 x CP 1 x TP 1" in r.stdout
+    for line in expect:
+        assert line in r.stdout, (line, r.stdout)
     assert f"model      : {family.name}" in r.stdout
     assert "ignored    : " in r.stdout and "--use-flash-attn" in r.stdout
     assert not (tmp_path / "save").exists()

@@ -159,3 +159,68 @@ def test_pipeline_stage_map_and_dummy_optimizer_rule(configs, tmp_path):
     assert "--enable-dummy-optimizer" in str(e.value)
     plan, _ = make_plan(_argv(data_json, frozen, *pp, "--enable-dummy-optimizer"), world_size=2)
     assert "stage 1 (PP rank 1, chunk 0): text layers 1-1, norm + lm_head + loss; 0 trainable" in plan.describe()
+
+
+def _with_hetero(model_json, tmp_path, **sizes):
+    """model.json with ``image_encoder`` / ``audio_encoder`` sizes, e.g. image_encoder={"tp": 1}."""
+    import json
+
+    cfg = json.loads(model_json.read_text())
+    for section, values in sizes.items():
+        cfg.setdefault(section, {}).update(values)
+    out = tmp_path / "model_hetero.json"
+    out.write_text(json.dumps(cfg))
+    return out
+
+
+HETERO_BAD = [   # (model.json sizes, flags, world, words): tiny Omni, 4 heads, 2 kv heads
+    ({"image_encoder": {"tp": 1}}, ["--micro-batch-size", "3"], 2,
+     ["--micro-batch-size 3", "multiple of --tensor-model-parallel-size 2", "e.g. --micro-batch-size 2"]),
+    ({"image_encoder": {"tp": 4}}, [], 2, ["image_encoder.tp = 4", "set image_encoder.tp to 1 or 2"]),
+    ({"audio_encoder": {"pp": 2}}, [], 2, ["audio_encoder.pp = 2", "set audio_encoder.pp to 1"]),
+    ({"image_encoder": {"cp": 2}}, [], 2, ["image_encoder.cp = 2", "to 1"]),
+    ({}, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "1"], 2,
+     ["--hetero-parallel: not with --context-parallel-size > 1"]),
+    ({}, ["--lora-target-modules", "linear_qkv", "--tensor-model-parallel-size", "1"], 1,
+     ["--hetero-parallel: not with --lora-target-modules"]),
+]
+
+
+@pytest.mark.parametrize("sizes,flags,world,words", HETERO_BAD, ids=[str(i) for i in range(len(HETERO_BAD))])
+def test_bad_hetero_layout_refused_naming_the_field(configs, tmp_path, sizes, flags, world, words):
+    data_json, model_json = configs["qwen2_5_omni"]
+    mj = _with_hetero(model_json, tmp_path, **sizes)
+    argv = _argv(data_json, mj, "--tensor-model-parallel-size", "2", "--micro-batch-size", "2", "--hetero-parallel",
+                 *flags)
+    with pytest.raises(ConfigError) as e:
+        make_plan(argv, world_size=world)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_hetero_plan_report_and_estimate(configs, tmp_path):
+    """TP2 with both Omni encoders data-parallel: reported in --dry-run, and the memory estimate
+    shards them over DP x TP instead of splitting them by TP; without the flag the sizes are a note."""
+    data_json, model_json = configs["qwen2_5_omni"]
+    mj = _with_hetero(model_json, tmp_path, image_encoder={"tp": 1, "pp": 1, "cp": 1}, audio_encoder={"tp": 1})
+    tp2 = ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4"]
+    plan, _ = make_plan(_argv(data_json, mj, *tp2, "--hetero-parallel"), world_size=4)
+    assert plan.dims.hetero_dp == ("image_encoder", "audio_encoder")
+    text = plan.describe()
+    assert ("hetero     : image_encoder, audio_encoder data-parallel over each TP group (2 ranks share a "
+            "micro-batch's items), FSDP2 over DP x CP x TP = 4; the LLM is TP 2") in text
+    plain, _ = make_plan(_argv(data_json, mj, *tp2), world_size=4)
+    assert plain.dims.hetero_dp == ()
+    assert ("hetero     : off; image_encoder.tp 1, audio_encoder.tp 1 in " in plain.describe()
+            and "apply with --hetero-parallel only" in plain.describe())
+    from omnitune.parallel.estimate import estimate_rank_bytes
+
+    e_h = estimate_rank_bytes(plan.family, plan.hf_config, plan.dims, set())
+    e_p = estimate_rank_bytes(plain.family, plain.hf_config, plain.dims, set())
+    # an encoder weight is whole on 4 FSDP ranks (1/4 each) instead of TP2-split over DP2 (1/4 each):
+    # the same bytes, except the encoder's replicated small tensors (norms, biases) are now sharded too
+    assert e_h.total_params == e_p.total_params and e_h.params <= e_p.params
+    # tp 2 (= the LLM's) is TP as without the flag
+    same = _with_hetero(model_json, tmp_path, image_encoder={"tp": 2}, audio_encoder={"tp": 2})
+    plan2, _ = make_plan(_argv(data_json, same, *tp2, "--hetero-parallel"), world_size=4)
+    assert plan2.dims.hetero_dp == () and "every encoder follows --tensor-model-parallel-size 2" in plan2.describe()

@@ -16,7 +16,7 @@ MM_MODEL="${MM_MODEL:-./examples/qwen2.5vl/model_3b.json}"
 LOAD_PATH="${LOAD_PATH:-ckpt/mm_path/Qwen2.5-VL-3B-Instruct}"
 SAVE_PATH="${SAVE_PATH:-save_dir}"
 
-# TP and CP work here (checked before launch: heads, kv heads, batch); PP > 1 is not implemented in this version.
+# TP, CP and PP work here (checked before launch: heads, kv heads, batch; PP splits by model.json pipeline_num_layers).
 TP=1
 PP=1
 CP=1

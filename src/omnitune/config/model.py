@@ -50,9 +50,10 @@ class ModuleConfig(BaseModel):
         description="eager, sdpa or flash_attention_2 (needs the flash-attn package)")
     activation_offload: bool = Field(False, description="activations saved for backward live in host memory")
     use_npu_fused_moe: bool = Field(False, description="MoE experts through one grouped GEMM")
-    tp: int | None = Field(None, description="hetero TP size; only 1")
-    pp: int | None = Field(None, description="hetero PP size; only 1")
-    cp: int | None = Field(None, description="hetero CP size; only 1")
+    tp: int | None = Field(None, description="per-module hetero TP size; only 1 (sizes go on image_encoder / "
+                                             "audio_encoder)")
+    pp: int | None = Field(None, description="per-module hetero PP size; only 1")
+    cp: int | None = Field(None, description="per-module hetero CP size; only 1")
 
     def structure(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -63,17 +64,19 @@ class ImageEncoderConfig(BaseModel):
     vision_encoder: ModuleConfig | None = Field(None, description="the vision tower's settings")
     vision_projector: ModuleConfig | None = Field(None, description="the vision merger's settings")
     # hetero parallel sizes of the whole encoder (seed Qwen2.5-Omni model_7b.json)
-    tp: int | None = Field(None, description="hetero TP size; only 1")
-    pp: int | None = Field(None, description="hetero PP size; only 1")
-    cp: int | None = Field(None, description="hetero CP size; only 1")
+    tp: int | None = Field(None, description="with --hetero-parallel: 1 (data-parallel over the LLM's TP group) "
+                                             "or the LLM's TP")
+    pp: int | None = Field(None, description="with --hetero-parallel: 1 only")
+    cp: int | None = Field(None, description="with --hetero-parallel: 1 only")
 
 
 class AudioEncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     audio_encoder: ModuleConfig | None = Field(None, description="the audio encoder's settings")
-    tp: int | None = Field(None, description="hetero TP size; only 1")
-    pp: int | None = Field(None, description="hetero PP size; only 1")
-    cp: int | None = Field(None, description="hetero CP size; only 1")
+    tp: int | None = Field(None, description="with --hetero-parallel: 1 (data-parallel over the LLM's TP group) "
+                                             "or the LLM's TP")
+    pp: int | None = Field(None, description="with --hetero-parallel: 1 only")
+    cp: int | None = Field(None, description="with --hetero-parallel: 1 only")
 
 
 class LossConfig(BaseModel):
@@ -170,13 +173,14 @@ def unsupported_settings(cfg: ModelJson) -> list[str]:
     out = []
     for name, mod in cfg.modules().items():
         out.extend(_module_setting_problems(name, mod))
-    encoders = {"image_encoder": cfg.image_encoder, "audio_encoder": cfg.audio_encoder}
-    holders = {**cfg.modules(), **{k: v for k, v in encoders.items() if v is not None}}
-    for name, mod in holders.items():
+    # image_encoder / audio_encoder tp / pp / cp are checked against the flags (parallel/hetero.py);
+    # per-module sizes are not a seed setting
+    for name, mod in cfg.modules().items():
         for key in _HETERO:
             if (getattr(mod, key, None) or 1) > 1:
-                out.append(f"{name}.{key} = {getattr(mod, key)}: hetero parallel sizes > 1 are not "
-                           f"implemented in this version; set 1 or remove it")
+                out.append(f"{name}.{key} = {getattr(mod, key)}: per-module parallel sizes are not implemented; "
+                           f"set 1 or remove it (hetero sizes go on image_encoder / audio_encoder, with "
+                           f"--hetero-parallel)")
     lc = cfg.loss_cfg
     if lc.compute_mode != "default" and (lc.chunk_size is None or lc.chunk_size < 1):
         out.append(f"loss_cfg.compute_mode {lc.compute_mode!r} needs loss_cfg.chunk_size >= 1 (trained positions "

@@ -84,6 +84,8 @@ class TrainArgs(BaseModel):
     #: any string parses; parallel/dims.py refuses what is not implemented, naming the flag
     context_parallel_algo: str = _f("ulysses_cp_algo", "parallel", "CP algorithm; only ulysses_cp_algo")
     expert_model_parallel_size: int = _f(1, "parallel", "EP size: MoE experts spread over EP ranks", ge=1)
+    hetero_parallel: bool = _f(False, "parallel", "encoders with model.json image_encoder / audio_encoder tp 1 run "
+                                                  "data-parallel over the LLM's TP group (parallel/hetero.py)")
     init_model_with_meta_device: bool = _f(False, "parallel", "build on the meta device; each rank reads only its "
                                                               "own shards (large models)")
     use_torch_fsdp2: bool = _f(True, "parallel", "accepted: FSDP2 is always used")
@@ -184,11 +186,11 @@ IGNORED_FLAGS: dict[str, bool] = {
 }
 
 # Flags a later version implements; refused now with their name.
-NOT_YET: dict[str, bool] = {"hetero-parallel": False, "fp16": False}
+NOT_YET: dict[str, bool] = {"fp16": False}
 
 
 # NOT_YET flags by help group: the group's title says what is missing
-NOT_YET_GROUPS = {"refused flags (not implemented in this version)": ("hetero-parallel", "fp16")}
+NOT_YET_GROUPS = {"refused flags (not implemented in this version)": ("fp16",)}
 
 
 def add_launcher_args(p: argparse.ArgumentParser) -> None:
@@ -314,7 +316,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainArgs, list[str], bool]:
     notyet = sorted(k.split("__", 1)[1] for k in ns if k.startswith("notyet__"))
     if notyet:
         raise ConfigError(f"--{notyet[0]} is not implemented in this version of omnitune; remove the flag "
-                          f"(planned: hetero parallel)")
+                          f"(bf16 is: --bf16)")
     values = {k: v for k, v in ns.items() if "__" not in k}
     for name in ("mm_data", "mm_model", "train_iters"):
         if name not in values:

@@ -36,6 +36,8 @@ class ParallelDims:
     ep: int = 1
     pp: int = 1
     cp_algo: str = "ulysses_cp_algo"
+    #: --hetero-parallel: model.json encoder sections run data-parallel over TP (parallel/hetero.py)
+    hetero_dp: tuple = ()
     # set by build()
     mesh: object = field(default=None, repr=False)
     ep_mesh: object = field(default=None, repr=False)
@@ -154,8 +156,9 @@ class ParallelDims:
                      f"--context-parallel-size {cp}: the {kv} key/value heads per TP rank can be neither split over "
                      f"nor repeated across {cp} context-parallel ranks; use a CP size that divides or is a multiple "
                      f"of {kv}")
-        for key, what in (("vision_heads", "vision encoder"), ("audio_heads", "audio encoder")):
-            if key in sizes:
+        for key, what, section in (("vision_heads", "vision encoder", "image_encoder"),
+                                   ("audio_heads", "audio encoder", "audio_encoder")):
+            if key in sizes and section not in self.hetero_dp:   # hetero: that encoder is not split
                 need(sizes[key] % tp == 0,
                      f"--tensor-model-parallel-size {tp}: the {what}'s {sizes[key]} attention heads are not divisible "
                      f"by it; use a TP size dividing {sizes[key]}")
@@ -180,6 +183,8 @@ class ParallelDims:
         self.mesh = init_device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp),
                                      mesh_dim_names=("pp", "dp", "cp", "tp"))
         self.mesh["dp", "cp"]._flatten("dp_cp")
+        if self.hetero_dp:   # FSDP2 of the data-parallel encoders (parallel/hetero.py)
+            self.mesh["dp", "cp", "tp"]._flatten("dp_cp_tp")
         if self.ep > 1:
             self.ep_mesh = init_device_mesh(device_type, (self.pp, self.dp_cp // self.ep, self.ep, self.tp),
                                             mesh_dim_names=("pp", "dp_cp_mod_ep", "ep", "tp"))

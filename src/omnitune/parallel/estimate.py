@@ -4,7 +4,8 @@ The model is built on the meta device from config.json (no weights read, no memo
 model.json freeze flags are applied, and every parameter is divided as the layout divides it:
 
 - TP-sharded parameters (the family's TP plan) by ``tp``;
-- then FSDP2 shards everything over DP x CP. MoE experts under EP: E/EP experts per rank, each
+- then FSDP2 shards everything over DP x CP (--hetero-parallel's data-parallel encoders: not TP-split,
+  sharded over DP x CP x TP). MoE experts under EP: E/EP experts per rank, each
   FSDP-sharded over DP x CP / EP, which is the same share (EP trades all-gathers for all-to-alls).
 
 Bytes: fp32 master weights (4 per element), fp32 gradients and AdamW's two fp32 moments (4 + 8) for
@@ -67,6 +68,12 @@ def _estimate(family, hf_config, dims, frozen: set[str], bf16: bool, stages) -> 
         p.requires_grad_(False)
     apply_freeze(model, family, frozen)
     tp_names = _tp_sharded_names(model, family) if dims.tp > 1 else set()
+    hetero = set()   # --hetero-parallel encoders: whole (no TP), FSDP over DP x CP x TP
+    if getattr(dims, "hetero_dp", ()):
+        from omnitune.parallel.hetero import tower_paths
+        paths = tuple(tower_paths(model, family, dims).values())
+        hetero = {n for n, _ in model.named_parameters() if any(n.startswith(p + ".") for p in paths)}
+        tp_names -= hetero
     keep = None
     if stages is not None:
         from omnitune.parallel.pp import prune_for_stage
@@ -82,7 +89,7 @@ def _estimate(family, hf_config, dims, frozen: set[str], bf16: bool, stages) -> 
         # experts under EP: E/ep experts per rank, FSDP over DP x CP / EP: the same share as the rest
         local = -(-p.numel() // dims.tp) if name in tp_names else p.numel()
         by_name[name] = local
-        n = -(-local // dims.dp_cp)
+        n = -(-local // (dims.dp_cp * (dims.tp if name in hetero else 1)))
         total += p.numel()
         held += n
         trainable += n if p.requires_grad else 0

@@ -9,6 +9,10 @@ mesh). An expert's gradient sums the contributions of the tokens of all ``dp_cp`
 rank's tokens reach it through the all-to-all, the ``dp_cp / ep`` FSDP ranks add theirs in the
 reduce-scatter), so its divide factor is ``dp_cp`` -- the same mean over data-parallel ranks
 every other parameter gets -- not FSDP's default group size ``dp_cp / ep``.
+
+The --hetero-parallel encoders (``towers``, parallel/hetero.py) are sharded the same way over
+``dims.mesh["dp_cp_tp"]``: each TP rank encoded other items, so their gradients are summed over TP
+and averaged over ``dp_cp``.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def apply_fsdp(model: nn.Module, units: list[nn.Module], mesh, bf16: bool, dims=None) -> nn.Module:
+def apply_fsdp(model: nn.Module, units: list[nn.Module], mesh, bf16: bool, dims=None,
+               towers: list[nn.Module] = ()) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                               reduce_dtype=torch.float32 if bf16 else None)
     if dims is not None and dims.ep > 1:
@@ -32,7 +37,17 @@ def apply_fsdp(model: nn.Module, units: list[nn.Module], mesh, bf16: bool, dims=
             # the post-divide)
             if ep_fsdp.size() > 1:
                 experts.set_force_sum_reduction_for_comms(True)
+    inside = {id(m) for t in towers for m in t.modules()}
+    if towers:   # --hetero-parallel encoders: their units, then the tower, on dp x cp x tp
+        flat = dims.mesh["dp_cp_tp"]
+        for t in towers:
+            for unit in [u for u in units if any(u is m for m in t.modules())] + [t]:
+                fully_shard(unit, mesh=flat, mp_policy=mp)
+                unit.set_gradient_divide_factor(float(dims.dp_cp))
+                unit.set_force_sum_reduction_for_comms(True)   # (flat mesh >= TP >= 2 ranks)
     for unit in units:
+        if id(unit) in inside:
+            continue
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

@@ -4,7 +4,8 @@
 2. expert parallel (parallel/ep.py): each MoE layer's experts split over ``ep_mesh["ep"]``;
 3. context parallel (parallel/cp.py): Ulysses attention + sequence split on ``mesh["cp"]``;
 4. FSDP2 (parallel/fsdp.py): every remaining data-parallel dimension, ``mesh["dp_cp"]`` (experts:
-   ``ep_mesh["dp_cp_mod_ep"]``).
+   ``ep_mesh["dp_cp_mod_ep"]``; --hetero-parallel encoders: ``mesh["dp_cp_tp"]``, parallel/hetero.py,
+   hooked first and left out of the TP plan).
 
 The optimizer is created afterwards, on the sharded parameters.
 
@@ -26,9 +27,13 @@ from torch import nn
 
 
 def parallelize(train_model: nn.Module, family, dims, bf16: bool) -> nn.Module:
+    hetero = {}
+    if getattr(dims, "hetero_dp", ()):   # --hetero-parallel: encoders data-parallel over TP
+        from omnitune.parallel.hetero import apply_hetero
+        hetero = apply_hetero(train_model.hf, family, dims)
     if dims.tp > 1:
         from omnitune.parallel.tp import apply_tp
-        apply_tp(train_model, family, dims.mesh["tp"])
+        apply_tp(train_model, family, dims.mesh["tp"], skip=tuple(hetero.values()))
     if dims.ep > 1:
         from omnitune.parallel.ep import apply_ep
         apply_ep(train_model, family, dims)
@@ -43,5 +48,6 @@ def parallelize(train_model: nn.Module, family, dims, bf16: bool) -> nn.Module:
         units = stage_fsdp_units(train_model.hf)
     else:
         units = family.fsdp_units(train_model.hf)
-    apply_fsdp(train_model, units, dims.mesh["dp_cp"], bf16, dims=dims)
+    towers = [train_model.hf.get_submodule(p) for p in hetero.values()]
+    apply_fsdp(train_model, units, dims.mesh["dp_cp"], bf16, dims=dims, towers=towers)
     return train_model

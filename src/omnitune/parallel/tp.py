@@ -277,8 +277,10 @@ def _tied_parameters(model: nn.Module) -> list[list[tuple[str, str]]]:
     return [locs for locs in seen.values() if len(locs) > 1]
 
 
-def apply_tp(model: nn.Module, family, tp_mesh, sequence_parallel: bool = False) -> nn.Module:
-    """Shard ``model`` (a TrainModel or the HF model) over the 1-D ``tp_mesh`` by ``family.tp_plan``.
+def apply_tp(model: nn.Module, family, tp_mesh, sequence_parallel: bool = False,
+             skip: tuple[str, ...] = ()) -> nn.Module:
+    """Shard ``model`` (a TrainModel or the HF model) over the 1-D ``tp_mesh`` by ``family.tp_plan``,
+    except the modules under the paths in ``skip`` (--hetero-parallel's data-parallel encoders).
     No-op when the mesh has one rank. Returns the model (modified in place)."""
     if tp_mesh is None or tp_mesh.size() == 1:
         return model
@@ -286,6 +288,8 @@ def apply_tp(model: nn.Module, family, tp_mesh, sequence_parallel: bool = False)
     plan = family.tp_plan(hf)
     ties = _tied_parameters(hf)
     for path, styles in resolve_plan(hf, plan, partial=getattr(model, "partial_model", False)):
+        if any(path == s or path.startswith(s + ".") for s in skip):
+            continue
         mod = hf.get_submodule(path)
         for s in styles:
             parallelize_module(mod, tp_mesh, make_style(s, sequence_parallel))

@@ -49,6 +49,7 @@ class Plan:
     dpo: object = None        # train.dpo.DpoSpec (data.json attr.ranking), or None (SFT)
     stages: list | None = None  # parallel.pp.StageSpec per pipeline stage (PP > 1)
     stage_report: list[str] = field(default_factory=list)   # --dry-run lines of the stage map
+    hetero_report: list[str] = field(default_factory=list)  # --dry-run lines of --hetero-parallel
 
     def describe(self) -> str:
         a, dims = self.args, self.dims
@@ -60,6 +61,7 @@ class Plan:
             f"data       : {a.mm_data} (template {self.data_cfg.dataset_param.basic_parameters.template})",
             *self._describe_data(),
             *dims.describe(),
+            *self.hetero_report,
             *self.stage_report,
             *self._describe_memory(),
             f"init       : " + ("meta device; each rank reads only its shards" if a.init_model_with_meta_device
@@ -187,6 +189,8 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
     from omnitune.data.templates import check_template_fits
     check_template_fits(data_cfg.dataset_param.basic_parameters.template, family.name, args.mm_data, hf_dir)
     check_against_hf_config(model_cfg, family, hf_config, args.mm_model)
+    from omnitune.parallel.hetero import plan_hetero
+    hetero_report = plan_hetero(args, dims, model_cfg, data_cfg, family, hf_config, args.mm_model)
     dims.check_model(family.parallel_sizes(hf_config))
     bp = data_cfg.dataset_param.basic_parameters
     if args.token_budget is not None:
@@ -208,6 +212,7 @@ def make_plan(argv: list[str], world_size: int | None = None) -> tuple[Plan, boo
     plan = Plan(args, data_cfg, model_cfg, family, hf_dir, hf_config, load_kind, load_path, ignored, dims, grad_acc)
     if stages is not None:
         plan.stages, plan.stage_report = stages
+    plan.hetero_report = hetero_report
     _plan_lora(plan, meta if load_kind == "resume" else None)
     from omnitune.train.dpo import spec_from
     plan.dpo = spec_from(args, data_cfg, args.mm_data, load_kind=load_kind, load_path=load_path,
@@ -433,6 +438,10 @@ class Trainer:
             self.log(f"module     : {name}: " + ", ".join(f"{k} {v}" for k, v in what.items()))
         if plan.stages is None:   # (pipeline stages were sharded each alone)
             parallelize(self.model, plan.family, dims, a.bf16)
+            if dims.hetero_dp:
+                from omnitune.parallel.hetero import describe_towers
+                for line in describe_towers(self.model.hf, plan.family, dims):
+                    self.log(line)
         if meta:
             from omnitune.checkpoint.sharded_load import materialize_and_load
             # resume: materialise only; load_checkpoint below fills every shard from the DCP files
