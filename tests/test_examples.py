@@ -128,6 +128,11 @@ def _tiny_configs(folder: str, size: str, out: Path, hf_dir: Path) -> tuple[Path
 
 # scripts with a parallel layout: (world size, tiny-model text overrides, lines --dry-run must print)
 LAYOUT_SCRIPTS = {
+    ("qwen2vl", "7b"): (4, {"num_hidden_layers": 4, "layer_types": ["full_attention"] * 4}, [   # PP=4: 4 text layers
+        "world 4 = PP 4 x DP 1 x CP 1 x TP 1",
+        "pipeline   : 4 stages, 1F1B, 96 micro-batches per step",
+        "stage 0 (PP rank 0, chunk 0): vision/audio encoders + embedding, text layers 0-0",
+        "stage 3 (PP rank 3, chunk 0): text layers 3-3, norm + lm_head + loss"]),
     ("qwen2.5omni", "7b-hetero"): (4, {"num_key_value_heads": 4}, [
         "world 4 = PP 1 x DP 1 x CP 1 x TP 4",
         "hetero     : image_encoder, audio_encoder data-parallel over each TP group (4 ranks"]),
@@ -140,7 +145,7 @@ def test_example_script_flags_parse(folder, size, tmp_path, tiny_model_dir):
     data_name, model_name, script = CASES[folder, size]
     family = family_for_model_id(json.loads((EXAMPLES / folder / model_name).read_text())["model_id"])
     world, overrides, expect = LAYOUT_SCRIPTS.get((folder, size), (1, None, ["world 1 = PP 1 x DP 1 x CP 1 x TP 1"]))
-    if overrides:   # TP 4 needs 4 key/value heads
+    if overrides:   # TP 4 needs 4 key/value heads, PP 4 four text layers
         from omnitune.models.tiny import build_tiny_model
         hf_dir = build_tiny_model(family.name, tmp_path / "tiny", text_overrides=overrides)
     else:

@@ -18,7 +18,7 @@ SAVE_PATH="${SAVE_PATH:-save_dir}"
 
 # TP, CP and PP work here (checked before launch: heads, kv heads, batch; PP splits by model.json pipeline_num_layers).
 TP=1
-PP=1
+PP=4   # the seed: model_7b.json vision [32,0,0,0] + text [1,10,10,7] on 4 stages
 CP=1
 MBS=1
 GRAD_ACC_STEP=96

@@ -237,7 +237,8 @@ def _plan_pipeline(args, dims, grad_acc, data_cfg, model_cfg, family, hf_config)
              else "--token-budget" if args.token_budget is not None
              else "model.json loss_cfg.router_aux_loss_coef" if model_cfg.loss_cfg.router_aux_loss_coef
              else "--init-model-with-meta-device" if args.init_model_with_meta_device
-             else "--eval-interval (validation runs are not verified under PP yet)" if args.eval_interval
+             else "--eval-interval with a validation set (data.json val_dataset / val_rate: validation runs are "
+                  "not verified under PP yet)" if args.eval_interval and (bp.val_dataset or bp.val_rate)
              else None)
     if clash:
         raise ConfigError(f"{flag}: not with {clash} in this version; set PP 1 or drop that setting")
