@@ -303,12 +303,20 @@ def build_stage_modules(hf: nn.Module, family, model_cfg, specs: list[StageSpec]
     return out
 
 
-def pad_micro_batches(micro: list[dict], pad_id: int) -> list[dict]:
+def pad_micro_batches(micro: list[dict], pad_id: int, group=None) -> list[dict]:
     """Pad every micro-batch to one [B, S] (the step's largest, S rounded up to PAD_MULTIPLE): padded
-    positions are masked, untrained, weight 0; padded rows likewise."""
+    positions are masked, untrained, weight 0; padded rows likewise. ``group`` (the data-parallel
+    ranks of a stage): the largest over those ranks, so they all run the schedule of the same shape
+    (a shape seen first makes the stages infer their inputs with an extra forward; if only some
+    data-parallel ranks did it, their FSDP2 all-gathers would no longer pair up: a Qwen2.5-Omni
+    PP2 x DP2 run aborted with "Received data size doesn't match expected size")."""
     B = max(mb["input_ids"].shape[0] for mb in micro)
     S = max(mb["input_ids"].shape[1] for mb in micro)
     S = -(-S // PAD_MULTIPLE) * PAD_MULTIPLE
+    if group is not None and dist.get_world_size(group) > 1:
+        shape = torch.tensor([B, S], dtype=torch.long, device=micro[0]["input_ids"].device)
+        dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=group)
+        B, S = int(shape[0]), int(shape[1])
     fills = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "loss_weights": 0.0, "mm_token_type_ids": 0}
     out = []
     for mb in micro:

@@ -638,7 +638,7 @@ class Trainer:
                                                global_tokens=float(counts[0]), global_samples=float(counts[1]),
                                                segments=mb.get("segment_ids"))
             mbs.append(_to_device(mb, dev))
-        mbs = pad_micro_batches(mbs, self.pad_id)
+        mbs = pad_micro_batches(mbs, self.pad_id, group=dims.group("dp") if dims.dp > 1 else None)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
             parts = self.pp_runner.step(mbs, scale=float(dims.dp_cp))
         self.tied_sync()

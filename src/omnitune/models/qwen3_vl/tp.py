@@ -19,6 +19,8 @@ def qwen3_text_plan(model: nn.Module, prefix: str = "model.language_model", lm_h
             f"{layers}.self_attn.q_norm": "head_norm", f"{layers}.self_attn.k_norm": "head_norm"}
     for i, layer in enumerate(model.get_submodule(f"{prefix}.layers")):
         mlp = f"{prefix}.layers.{i}.mlp"
+        if not hasattr(layer, "mlp"):          # a layer another pipeline stage holds (parallel/pp.py)
+            continue
         if hasattr(layer.mlp, "experts"):      # sparse MoE block: replicated over TP
             plan[mlp] = "sp_gather_scatter"
         else:
