@@ -108,10 +108,16 @@ def _fork_workers_ok() -> bool:
     the imports and the checked plan instead of starting a new interpreter that imports torch and
     transformers and validates everything again (measured here: about 5 s of CPU per worker, the
     larger part of a short run's start-up). Accelerators keep torchrun's own start (new processes):
-    a CUDA / NPU runtime touched before a fork cannot be used in the children."""
+    a CUDA / NPU runtime touched before a fork cannot be used in the children. Nor when this
+    process runs other threads (``omnitune`` called in-process by a program that has some, e.g. a
+    test runner): a lock one of them held at the fork stays locked in the children (a forked
+    worker hung for the whole 600 s test timeout in CI)."""
+    import threading
+
     from omnitune.parallel.mesh import detect_device_type
 
-    return os.environ.get("OMNITUNE_WORKER_START", "fork") != "spawn" and detect_device_type() == "cpu"
+    return (os.environ.get("OMNITUNE_WORKER_START", "fork") != "spawn" and threading.active_count() == 1
+            and detect_device_type() == "cpu")
 
 
 def _launch_forked(args, plan) -> None:
