@@ -146,52 +146,46 @@ def _shares(n: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
-def _split_vision(tower, args, kwargs, lo, hi):
-    """(pixel rows, grid_thw) of items [lo, hi); a dummy 1 x merge x merge grid when empty."""
+def _split_vision(tower, args, kwargs, rank, size):
+    """(pixel rows, grid_thw) of this rank's share of the items; a dummy 1 x merge x merge grid when
+    the share is empty. Returns (args, kwargs, empty)."""
     pixels = args[0] if args else kwargs.pop("hidden_states")
     grid = kwargs.pop("grid_thw") if "grid_thw" in kwargs else args[1]
+    lo, hi = _shares(int(grid.shape[0]), size)[rank]
     if hi == lo:
         merge = tower.spatial_merge_size
         grid = torch.tensor([[1, merge, merge]], device=grid.device, dtype=grid.dtype)
-        return (pixels.new_zeros(merge * merge, pixels.shape[-1]),), {**kwargs, "grid_thw": grid}
+        return (pixels.new_zeros(merge * merge, pixels.shape[-1]),), {**kwargs, "grid_thw": grid}, True
     rows = grid.prod(-1)
     start, stop = int(rows[:lo].sum()), int(rows[:hi].sum())
-    return (pixels[start:stop],), {**kwargs, "grid_thw": grid[lo:hi]}
+    return (pixels[start:stop],), {**kwargs, "grid_thw": grid[lo:hi]}, False
 
 
-def _split_audio(tower, args, kwargs, lo, hi):
-    """(mel columns, feature_lens, aftercnn_lens) of audios [lo, hi); one window of zeros when empty."""
+def _split_audio(tower, args, kwargs, rank, size):
+    """(mel columns, feature_lens, aftercnn_lens) of this rank's share of the audios; one window of
+    zeros when the share is empty. Returns (args, kwargs, empty)."""
     feats = args[0] if args else kwargs.pop("input_features")
     lens = kwargs.pop("feature_lens") if "feature_lens" in kwargs else args[1]
     after = kwargs.pop("aftercnn_lens", None) if len(args) < 3 else args[2]
+    lo, hi = _shares(int(lens.shape[0]), size)[rank]
     if hi == lo:
         frames = 2 * tower.config.n_window
         lens_d = torch.tensor([frames], device=lens.device, dtype=lens.dtype)
         extra = {}
         if after is not None:
             extra["aftercnn_lens"] = (lens_d - 1) // 2 + 1
-        return (feats.new_zeros(feats.shape[0], frames),), {**kwargs, "feature_lens": lens_d, **extra}
+        return (feats.new_zeros(feats.shape[0], frames),), {**kwargs, "feature_lens": lens_d, **extra}, True
     start, stop = int(lens[:lo].sum()), int(lens[:hi].sum())
     extra = {"aftercnn_lens": after[lo:hi]} if after is not None else {}
-    return (feats[:, start:stop],), {**kwargs, "feature_lens": lens[lo:hi], **extra}
-
-
-def _n_items(args, kwargs, section_split) -> int:
-    if section_split is _split_vision:
-        grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
-        return int(grid.shape[0])
-    lens = kwargs["feature_lens"] if "feature_lens" in kwargs else args[1]
-    return int(lens.shape[0])
+    return (feats[:, start:stop],), {**kwargs, "feature_lens": lens[lo:hi], **extra}, False
 
 
 def _hook(tower: nn.Module, split, group, rank: int, size: int) -> None:
     state = {}
 
     def pre(mod, args, kwargs):
-        kwargs = dict(kwargs)
-        lo, hi = _shares(_n_items(args, kwargs, split), size)[rank]
-        state["empty"] = hi == lo
-        return split(mod, tuple(args), kwargs, lo, hi)
+        args, kwargs, state["empty"] = split(mod, tuple(args), dict(kwargs), rank, size)
+        return args, kwargs
 
     def post(mod, args, kwargs, out):
         empty = state.pop("empty")
