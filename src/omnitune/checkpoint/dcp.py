@@ -20,6 +20,9 @@ leaves the previous checkpoint and the ``latest`` pointer untouched. A write tha
 read-only) is one error on every rank saying what is left and what ``latest`` still names.
 
 Reading goes through ``checkpoint.safe_dcp``: no code from the folder, damaged files named.
+
+An iteration folder may instead hold the portable form (checkpoint/portable.py: safetensors files,
+written by the MindSpore back-end): resume and export read it too.
 """
 from __future__ import annotations
 
@@ -35,16 +38,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from omnitune.checkpoint import safe_dcp
+from omnitune.checkpoint import portable, safe_dcp
+from omnitune.checkpoint.portable import LATEST, STATE, iter_dir_name  # noqa: F401  (shared with portable)
 from omnitune.checkpoint.safe_dcp import CheckpointError
 from omnitune.fsutil import write_text_atomic
-
-LATEST = "latest_checkpointed_iteration.txt"
-STATE = "trainer_state.json"
-
-
-def iter_dir_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 def _rank() -> int:
@@ -421,16 +418,7 @@ def is_training_checkpoint_root(path: str | Path) -> bool:
 def read_latest(root: str | Path) -> str:
     """``latest_checkpointed_iteration.txt``: an iteration number or ``release`` (CheckpointError
     naming the file otherwise: it is edited by hand)."""
-    f = Path(root) / LATEST
-    try:
-        text = f.read_text(encoding="utf-8", errors="replace").strip()
-    except OSError as e:
-        raise CheckpointError(f"{f}: cannot be read ({getattr(e, 'strerror', None) or e}); write the number of "
-                              f"an existing iter_* folder into it (e.g. 5 for iter_0000005)") from None
-    if text != "release" and not (text.isascii() and text.isdigit()):
-        raise CheckpointError(f"{f}: holds {text[:40]!r}, not an iteration number; write the number of an "
-                              f"existing iter_* folder into it (e.g. 5 for iter_0000005) or 'release'")
-    return text
+    return portable.read_latest(root, error=CheckpointError)
 
 
 def resolve_checkpoint(load_dir: str | Path) -> Path:
@@ -439,7 +427,7 @@ def resolve_checkpoint(load_dir: str | Path) -> Path:
     text = read_latest(root)
     name = "release" if text == "release" else iter_dir_name(int(text))
     ckpt = root / name
-    if not (ckpt / ".metadata").is_file():
+    if not ((ckpt / ".metadata").is_file() or portable.is_portable(ckpt)):
         raise FileNotFoundError(f"{root / LATEST} names iteration {text!r} but {ckpt} is not a complete "
                                 f"checkpoint (no .metadata). Point the file at an existing iter_* folder.")
     return ckpt
@@ -466,7 +454,10 @@ def read_trainer_state(ckpt: Path) -> dict:
 def check_checkpoint(ckpt: str | Path) -> dict:
     """Everything a resume or export reads before it reads it, file by file: ``.metadata`` (no
     code, a DCP ``Metadata``), the data files it lists (present, not truncated) and
-    trainer_state.json. Returns the trainer state. Cheap: no tensor is read."""
+    trainer_state.json. Returns the trainer state. Cheap: no tensor is read. A portable folder:
+    its trainer_state.json and model file."""
+    if portable.is_portable(ckpt):
+        return read_trainer_state(Path(ckpt))
     safe_dcp.read_metadata(ckpt)
     return read_trainer_state(Path(ckpt))
 
@@ -504,9 +495,12 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, load_optim: bool = True,
                              f"pipeline stages cannot split; resume it once without pipeline parallelism and "
                              f"save, or resume with --no-load-optim")
         state["optim"] = optim_state(model, optimizer, flat=flat)
-    todo = strided_placeholders(state)
-    safe_dcp.load(state, ckpt)
-    fill_strided(todo)
+    if portable.is_portable(ckpt):   # whole tensors: each rank copies its shards
+        portable.fill(ckpt, state)
+    else:
+        todo = strided_placeholders(state)
+        safe_dcp.load(state, ckpt)
+        fill_strided(todo)
     for part in _parts(model):
         set_model_state_dict(part, with_aliases(part, _part_sd(part, state["model"])),
                              options=StateDictOptions(strict=key_filter is None))
@@ -528,5 +522,8 @@ def load_model_weights_from_dcp(ckpt: str | Path, model, key_filter=None) -> Non
     (``key_filter``: only the tensors it accepts, e.g. a LoRA checkpoint's adapters)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     sd = model_state(model, key_filter, options=StateDictOptions())
-    safe_dcp.load({"model": sd}, ckpt, no_dist=True)
+    if portable.is_portable(ckpt):
+        portable.fill(ckpt, {"model": sd})
+    else:
+        safe_dcp.load({"model": sd}, ckpt, no_dist=True)
     set_model_state_dict(model, with_aliases(model, sd), options=StateDictOptions(strict=key_filter is None))

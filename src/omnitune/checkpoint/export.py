@@ -37,7 +37,7 @@ def export_hf(load: str | Path, save: str | Path, model_assets: str | Path | Non
 
     load, save = Path(load), Path(save)
     ckpt = ckpt_io.resolve_checkpoint(load) if ckpt_io.is_training_checkpoint_root(load) else load
-    if not (ckpt / ".metadata").is_file():
+    if not ((ckpt / ".metadata").is_file() or ckpt_io.portable.is_portable(ckpt)):
         raise FileNotFoundError(f"--load {load}: not a training checkpoint (no {ckpt_io.LATEST} and no .metadata)")
     state = ckpt_io.check_checkpoint(ckpt)   # no code from .metadata, no truncated file: before any work
     assets = Path(model_assets or state.get("hf_dir", ""))

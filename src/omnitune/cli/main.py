@@ -54,6 +54,18 @@ def cmd_train(argv: list[str]) -> int:
         print("omnitune: error: --nnodes > 1 needs --master-addr (the node-rank-0 host's address, the same on "
               "every node) and --master-port", file=sys.stderr)
         return 2
+    backend = own.backend or os.environ.get("OMNITUNE_BACKEND") or "pytorch"
+    if backend not in ("pytorch", "mindspore"):
+        print(f"omnitune: error: OMNITUNE_BACKEND={backend!r}: one of pytorch, mindspore", file=sys.stderr)
+        return 2
+    if backend == "mindspore":   # its own folder; the PyTorch path below never imports it
+        if own.nproc_per_node * own.nnodes > 1:
+            print("omnitune: error: --backend mindspore runs one process (MindSpore's collectives need Ascend/GPU "
+                  "communication libraries, not present on CPU); drop --nproc-per-node / --nnodes, or use the "
+                  "PyTorch back-end for data parallelism", file=sys.stderr)
+            return 2
+        from omnitune.backends.mindspore.cli import train_main
+        return train_main(rest)
     from omnitune.config.errors import ConfigError
     from omnitune.config.train import parse_train_args
 

@@ -206,6 +206,9 @@ def add_launcher_args(p: argparse.ArgumentParser) -> None:
                    help="address of the node-rank-0 host (needed with --nnodes > 1)")
     g.add_argument("--master-port", "--master_port", type=int, default=None, metavar="PORT",
                    help="rendezvous port [default: a free port]")
+    g.add_argument("--backend", choices=("pytorch", "mindspore"), default=None,
+                   help="training back-end: pytorch, or mindspore (one process, from `make mindspore`'s "
+                        ".venv-ms) [default: $OMNITUNE_BACKEND, else pytorch]")
 
 
 class _Formatter(argparse.HelpFormatter):
